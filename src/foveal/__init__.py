@@ -1,0 +1,1 @@
+"""foveal: run, serve, quantize, fine-tune, train and evaluate vision-language models locally."""
