@@ -1,0 +1,273 @@
+"""The public Python API: `foveal.load(ref)` -> `VLM` with `.generate()` and `.stream()`.
+
+Design decisions:
+- `load` builds the model on the meta device and assigns checkpoint tensors (mmap views, or
+  converted one at a time), so a model is never held twice.
+- One request = messages -> images decoded and validated -> prompt ids with image slots ->
+  vision encode (skipped on a content-hash cache hit) -> engine prefill/decode. Timings of
+  each stage travel in `result.stats`.
+- bfloat16 is the default on CPUs with native bf16 support (AVX-512-BF16 / AMX) and on GPUs
+  that have it; float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from . import config as C
+from .engine.generate import Chunk, Engine, GenerationResult, Stats
+from .engine.sampling import SamplingOptions
+from .errors import ConfigError, FovealError, ModelNotFoundError, PromptError
+from .models.vlm import VisionLanguageModel
+from .processing.images import ImageLimits, ImageProcessorConfig, load_image, preprocess_batch
+from .processing.prompt import IMAGE_PLACEHOLDER, PromptBuilder, Tokenizer, find_chat_template, normalize_messages
+from .weights.safetensors import load_into, open_checkpoint
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+IMAGE_CACHE_SIZE = 16
+
+
+def default_dtype(device: str) -> torch.dtype:
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):
+        return torch.float32
+
+
+def resolve_dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> str:
+    dev = torch.device(device) if device else torch.device("cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available")
+    return str(dev)
+
+
+class VLM:
+    """A loaded vision-language model (or text LM) ready to answer."""
+
+    def __init__(self, model: VisionLanguageModel, cfg: C.VLMConfig, tokenizer: Tokenizer, prompt: PromptBuilder,
+                 image_config: ImageProcessorConfig | None, engine: Engine, path: Path, dtype: torch.dtype,
+                 device: str, image_limits: ImageLimits, load_s: float):
+        self.model, self.config, self.tokenizer, self.prompt = model, cfg, tokenizer, prompt
+        self.image_config, self.engine = image_config, engine
+        self.path, self.dtype, self.device = path, dtype, device
+        self.image_limits = image_limits
+        self.load_s = load_s
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # ---- information -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        return self.config.image_tokens_per_image
+
+    def parameter_counts(self) -> dict[str, int]:
+        parts = {"vision": 0, "projector": 0, "language_model": 0}
+        seen = set()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            key = ("vision" if name.startswith("vision_tower.") else
+                   "projector" if name.startswith("multi_modal_projector.") else "language_model")
+            parts[key] += p.numel()
+        return parts
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) not in seen and t.device.type != "meta":
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        kv = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers() if ".kv_cache." in n)
+        return total - kv
+
+    # ---- requests ----------------------------------------------------------------------
+    def _prepare(self, messages, stats: Stats):
+        t0 = time.perf_counter()
+        template_messages, image_sources = normalize_messages(messages, self.prompt.template)
+        inputs = self.prompt.build(template_messages, n_images=len(image_sources))
+        loaded = [load_image(src, self.image_limits) for src in image_sources]
+        stats.images = len(loaded)
+        pixels = None
+        todo = [im for im in loaded if im.sha256 not in self._image_cache]
+        if todo:
+            pixels = preprocess_batch([im.image for im in todo], self.image_config)
+        stats.preprocess_s = time.perf_counter() - t0
+        embeds = None
+        if loaded:
+            t1 = time.perf_counter()
+            if todo:
+                with torch.inference_mode():
+                    new = self.model.encode_images(pixels.to(self.device))
+                for im, e in zip(todo, new):
+                    self._image_cache[im.sha256] = e
+            embeds = torch.stack([self._image_cache[im.sha256] for im in loaded])
+            for im in loaded:
+                self._image_cache.move_to_end(im.sha256)
+            while len(self._image_cache) > IMAGE_CACHE_SIZE:
+                self._image_cache.popitem(last=False)
+            stats.encode_s = time.perf_counter() - t1
+        return inputs, embeds, [im.sha256 for im in loaded]
+
+    def stream(self, messages, *, cancel=None, **options):
+        """Yield `Chunk`s of text as soon as they decode; the last has done=True and stats."""
+        opts = SamplingOptions.from_kwargs(**options)
+        stats = Stats()
+        t0 = time.perf_counter()
+        inputs, embeds, keys = self._prepare(messages, stats)
+        stats.total_s = time.perf_counter() - t0
+        yield from self.engine.stream(inputs.input_ids, inputs.image_mask, embeds, keys, opts, stats, cancel)
+
+    def generate(self, messages, **options) -> GenerationResult:
+        text, ids, last = [], [], None
+        for chunk in self.stream(messages, **options):
+            text.append(chunk.text)
+            ids += chunk.token_ids
+            last = chunk
+        return GenerationResult("".join(text), ids, last.finish_reason, last.stats)
+
+    def count_tokens(self, messages) -> int:
+        template_messages, image_sources = normalize_messages(messages, self.prompt.template)
+        return len(self.prompt.build(template_messages, n_images=len(image_sources)).input_ids)
+
+    def unload(self) -> None:
+        self.engine.reset()
+        self._image_cache.clear()
+
+
+# ---- loading ---------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def _find_tower(cfg: C.VLMConfig, folder: Path, vision_tower) -> Path:
+    candidates = [Path(vision_tower)] if vision_tower else []
+    name = cfg.vision_tower_path
+    candidates += [Path(name), folder / name, folder / Path(name).name]
+    for c in candidates:
+        if (c / "config.json").exists():
+            return c
+    try:    # an HF hub id already in the local cache
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:   # noqa: BLE001 - any failure means "not in the cache"
+        pass
+    raise ModelNotFoundError(f"the vision tower {name!r} named by mm_vision_tower was not found (looked in "
+                             f"{', '.join(str(c) for c in candidates)} and the Hugging Face cache); pass "
+                             f"vision_tower=PATH")
+
+
+def _image_config(cfg: C.VLMConfig, folder: Path, raw: dict) -> ImageProcessorConfig | None:
+    if cfg.vision is None:
+        return None
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (folder / name).exists():
+            d = _read_json(folder / name)
+            d = d.get("image_processor", d)
+            ipc = ImageProcessorConfig.from_hf(d)
+            break
+    else:
+        ipc = ImageProcessorConfig.for_vision("siglip" if cfg.vision.is_siglip else "clip", cfg.vision.image_size)
+    if raw.get("image_aspect_ratio") == "pad":     # original LLaVA-1.5 trained on padded squares
+        ipc.mode = "pad"
+    return ipc
+
+
+def _eos_ids(cfg: C.VLMConfig, folder: Path, tokenizer: Tokenizer) -> set[int]:
+    ids = set(cfg.text.eos_token_id) | tokenizer.eos_ids()
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        eos = _read_json(gen).get("eos_token_id")
+        ids |= set([eos] if isinstance(eos, int) else (eos or []))
+    return ids
+
+
+def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=None,
+         context_length: int | None = None, image_limits: ImageLimits | None = None,
+         image_mode: str | None = None) -> VLM:
+    """Load a model: an HF-format folder (LLaVA, original LLaVA + CLIP tower, or a text LM)."""
+    t0 = time.perf_counter()
+    if quant is not None:
+        raise ConfigError(f"quant={quant!r}: quantization is not available in this build yet")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if ref is None:
+        from .bundled import bundled_model_path
+        ref = bundled_model_path()
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"model {str(ref)!r} not found: expected a folder with config.json and "
+                                 f"*.safetensors")
+    raw = C.load_config_file(folder / "config.json")
+    cfg = C.config_from_hf(raw)
+    sources = open_checkpoint(folder)
+    tower = None
+    if cfg.layout == "original":
+        tower = _find_tower(cfg, folder, vision_tower)
+        C.attach_vision(cfg, C.load_config_file(tower / "config.json"))
+        sources.update({k: v for k, v in open_checkpoint(tower).items() if k.startswith("vision_tower.")})
+    with torch.device("meta"):
+        model = VisionLanguageModel(cfg)
+    optional = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+    load_into(model, sources, dtype, device, optional=optional)
+    model.tie_weights()
+    model.language_model.init_rope(device)
+    model.eval().requires_grad_(False)
+
+    tokenizer = Tokenizer.from_folder(folder)
+    template = find_chat_template(folder, tokenizer.config)
+    image_token = tokenizer.config.get("image_token") or IMAGE_PLACEHOLDER
+    image_token_id = cfg.image_token_id
+    if cfg.layout == "llava-hf" and tokenizer.token_id(image_token) != image_token_id:
+        found = tokenizer.tok.id_to_token(image_token_id) if image_token_id is not None else None
+        if found is None:
+            raise ConfigError(f"config image_token_index {image_token_id} is not in the tokenizer's vocabulary")
+        image_token = found
+    prompt = PromptBuilder(tokenizer, template, image_token_id if cfg.layout == "llava-hf" else None,
+                           cfg.image_tokens_per_image, image_token)
+    image_config = _image_config(cfg, tower or folder, raw)
+    if image_mode is not None and image_config is not None:
+        if image_mode not in ("crop", "pad", "resize"):
+            raise ConfigError(f"image_mode {image_mode!r} is not supported; use crop, pad or resize")
+        image_config.mode = image_mode
+    ctx = cfg.text.max_position_embeddings
+    if context_length is not None:
+        if not isinstance(context_length, int) or context_length < 16:
+            raise ConfigError(f"context_length must be an integer >= 16, got {context_length!r}")
+        ctx = context_length
+    engine = Engine(model, tokenizer, _eos_ids(cfg, folder, tokenizer), ctx, device, dtype)
+    return VLM(model, cfg, tokenizer, prompt, image_config, engine, folder, dtype, device,
+               image_limits or ImageLimits(), time.perf_counter() - t0)
+
+
+__all__ = ["load", "VLM", "Chunk", "GenerationResult", "Stats", "FovealError", "PromptError"]

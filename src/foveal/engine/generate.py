@@ -1,0 +1,216 @@
+"""Prefill / decode loop over a static KV cache, with stop conditions and streaming.
+
+Design decisions:
+- One `Engine` per loaded model owns the KV cache. The cache is sized for the request (prompt +
+  max_tokens, rounded up to a multiple of CACHE_BLOCK) and reused while later requests fit.
+- Prefix reuse: the engine remembers which token keys (ids, with image positions keyed by the
+  image's content hash) its cache holds; a request that starts with the same keys (the next turn
+  of a chat) prefills only what is new. At least one token is always prefilled to get logits.
+- Prefill computes logits for the last position only; the decode step is one token at a time,
+  shape-stable, with no per-token work that grows with the sequence.
+- Stop strings are matched on decoded text; streamed text is held back while it could still be
+  the beginning of a stop string, so a stop string never leaks to the client.
+- `Engine.lock` serialises requests on one model (the server may run several threads).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ContextLengthError
+from ..processing.prompt import StreamDecoder, Tokenizer
+from .sampling import Sampler, SamplingOptions
+
+CACHE_BLOCK = 256
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    images: int = 0
+    cached_tokens: int = 0           # prompt tokens whose KV came from the previous request
+    generated_tokens: int = 0
+    preprocess_s: float = 0.0        # image decode + pixel preprocessing
+    encode_s: float = 0.0            # vision tower + projector
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = max(self.generated_tokens - 1, 0)   # the first token comes out of prefill
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+
+@dataclass
+class Chunk:
+    """One streamed piece. The last one has done=True, finish_reason and stats."""
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    done: bool = False
+    finish_reason: str | None = None     # "stop" (EOS or stop string) | "length"
+    stats: Stats | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: Stats
+
+
+class Engine:
+    def __init__(self, model, tokenizer: Tokenizer, eos_ids: set[int], context_length: int,
+                 device, dtype):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = set(eos_ids)
+        self.context_length = context_length
+        self.device, self.dtype = torch.device(device), dtype
+        self.lock = threading.RLock()
+        self._cached_keys: list = []
+
+    def _ensure_cache(self, needed: int) -> None:
+        lm = self.model.language_model
+        if lm.max_cache_len >= needed and lm.layers[0].self_attn.kv_cache is not None:
+            return
+        size = min(-(-needed // CACHE_BLOCK) * CACHE_BLOCK, max(self.context_length, needed))
+        lm.setup_cache(1, size, self.dtype, self.device)
+        self._cached_keys = []
+
+    def reset(self) -> None:
+        self.model.language_model.drop_cache()
+        self._cached_keys = []
+
+    @torch.inference_mode()
+    def stream(self, input_ids: list[int], image_mask: list[bool], image_embeds: torch.Tensor | None,
+               image_keys: list, opts: SamplingOptions, stats: Stats, cancel: threading.Event | None = None):
+        """Yield Chunks for one prompt. image_keys: one hashable key per image, in prompt order."""
+        t_start = time.perf_counter()
+        n_prompt = len(input_ids)
+        if n_prompt >= self.context_length:
+            raise ContextLengthError(n_prompt + 1, self.context_length)
+        max_new = min(opts.max_tokens, self.context_length - n_prompt)
+        stats.prompt_tokens = n_prompt
+        stats.image_tokens = sum(image_mask)
+        keys = _token_keys(input_ids, image_mask, image_keys)
+
+        with self.lock:
+            self._ensure_cache(n_prompt + max_new)
+            reuse = _common_prefix(self._cached_keys, keys)
+            reuse = min(reuse, n_prompt - 1)
+            stats.cached_tokens = reuse
+            ids = torch.tensor([input_ids], device=self.device)
+            mask = torch.tensor([image_mask], device=self.device)
+            embeds = self.model.embed(ids, mask if stats.image_tokens else None, image_embeds)
+            self._cached_keys = []          # invalid until prefill completes
+            t0 = time.perf_counter()
+            pos = torch.arange(reuse, n_prompt, device=self.device)
+            logits = self.model(embeds[:, reuse:], pos, last_only=True)[0, -1]
+            stats.prefill_s = time.perf_counter() - t0
+            self._cached_keys = keys
+            sampler = Sampler(opts, logits.shape[-1], self.device, input_ids if opts.repetition_penalty != 1 else None)
+            decoder = StreamDecoder(self.tokenizer)
+            out_ids: list[int] = []
+            pending: list[int] = []         # ids whose text has not been sent yet
+            text, sent = "", 0
+            finish = "length"
+            hold = max((len(s) for s in opts.stop), default=0)
+            t_decode = time.perf_counter()
+            token = sampler(logits)
+            for step in range(max_new):
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+                out_ids.append(token)
+                pending.append(token)
+                self._cached_keys.append(token)
+                text += decoder.push(token)
+                if opts.stop:
+                    cut = _find_stop(text, opts.stop, max(0, sent - hold))
+                    if cut is not None:
+                        text = text[:cut]
+                        finish = "stop"
+                        break
+                safe = len(text) - _stop_prefix_len(text, opts.stop) if opts.stop else len(text)
+                if safe > sent:
+                    yield Chunk(text[sent:safe], pending)
+                    sent, pending = safe, []
+                if step == max_new - 1:
+                    break
+                pos = torch.tensor([n_prompt + step], device=self.device)
+                logits = self.model(self.model.language_model.embed_tokens(
+                    torch.tensor([[token]], device=self.device)), pos)[0, -1]
+                token = sampler(logits)
+            if finish != "stop" or not opts.stop:
+                text += decoder.flush()
+                if opts.stop and (cut := _find_stop(text, opts.stop, 0)) is not None:
+                    text, finish = text[:cut], "stop"
+            stats.decode_s = time.perf_counter() - t_decode
+            stats.generated_tokens = len(out_ids)
+            stats.total_s += time.perf_counter() - t_start
+            if finish == "cancelled":
+                self._cached_keys = []
+                finish = "stop"
+            yield Chunk(text[sent:], pending, done=True, finish_reason=finish, stats=stats)
+
+
+def _token_keys(ids, mask, image_keys):
+    """Cache keys: token ids, and (image key, row) at image positions."""
+    n_image_tokens = sum(mask)
+    per_image = n_image_tokens // max(len(image_keys), 1) or 1
+    keys, j = [], 0
+    for t, m in zip(ids, mask):
+        if m:
+            keys.append((image_keys[j // per_image] if image_keys else None, j % per_image))
+            j += 1
+        else:
+            keys.append(t)
+    return keys
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest

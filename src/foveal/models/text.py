@@ -1,0 +1,190 @@
+"""Decoder-only language model (Llama / Mistral / Qwen2) with a static KV cache.
+
+Mirrors transformers' models/llama/modeling_llama.py and models/qwen2/modeling_qwen2.py:
+the same operations in the same dtypes, so float32 logits agree to ~1e-6.
+
+Design decisions (after gpt-fast):
+- The KV cache is a preallocated buffer per layer, written at `input_pos`; every decode step
+  has the same shapes, no `torch.cat`, no per-token allocation growing with length.
+- `forward(embeds, input_pos)` is pure given the cache: positions come from `input_pos`
+  (absolute positions of the new tokens), the mask from comparing them with cache slots.
+- RoPE inverse frequencies are computed once (default / linear / llama3) or per call from the
+  largest position (dynamic NTK, as transformers' `dynamic_rope_update` does).
+- GQA through SDPA's `enable_gqa`, so K/V are never repeated in memory.
+- Module names equal the HF checkpoint's (`embed_tokens`, `layers.N.self_attn.q_proj`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import RopeConfig, TextConfig
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position: int, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    base = rope.theta
+    if rope.kind == "dynamic":
+        # transformers: seq_len = max(seq_len, max_position_embeddings)
+        seq_len = max(seq_len or max_position, max_position)
+        base = base * ((rope.factor * seq_len / max_position) - (rope.factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.kind == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, n_kv, T, hd) written at the T slots of input_pos
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)                               # (B, KV, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.max_cache_len = 0
+        self.gradient_checkpointing = False
+
+    def init_rope(self, device=None) -> None:
+        """Fill the (non-persistent) RoPE buffer; call after the module left the meta device."""
+        self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings).to(device)
+
+    def setup_cache(self, batch: int, max_len: int, dtype, device) -> None:
+        """Allocate the static KV cache once; later calls with the same size reuse it."""
+        if self.max_cache_len == max_len and self.layers and self.layers[0].self_attn.kv_cache is not None:
+            cache = self.layers[0].self_attn.kv_cache
+            if cache.k.shape[0] == batch and cache.k.dtype == dtype and cache.k.device == torch.device(device):
+                return
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_key_value_heads, max_len,
+                                               self.cfg.head_dim, dtype, device)
+        self.max_cache_len = max_len
+
+    def drop_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        self.max_cache_len = 0
+
+    def rope(self, input_pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.cfg.rope.kind == "dynamic":
+            seq_len = int(input_pos.max()) + 1
+            if seq_len > self.cfg.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings,
+                                         seq_len).to(inv_freq.device)
+        freqs = input_pos.float()[:, None] * inv_freq.float()[None, :]    # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                            # (T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """embeds (B, T, D) at absolute positions input_pos (T,) -> final hidden states (B, T, D)."""
+        T = embeds.shape[1]
+        cos, sin = self.rope(input_pos, embeds.dtype)
+        if self.layers[0].self_attn.kv_cache is not None:
+            slots = torch.arange(self.max_cache_len, device=embeds.device)
+            mask = slots[None, :] <= input_pos[:, None]                    # (T, S) causal over the cache
+        else:
+            mask = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+        x = embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        return self.norm(x)

@@ -1,0 +1,72 @@
+"""The VLM: vision tower -> projector -> features written into the LM's token embeddings.
+
+Design decisions (after llama.cpp's mtmd):
+- The language model only ever receives embeddings; image positions are given as a boolean
+  mask, not as a vocabulary id, so the original LLaVA layout (no `<image>` token in the
+  vocabulary) and llava-hf (`image_token_index`) take the same path.
+- The number of image positions must equal the number of projected feature rows; a mismatch
+  is refused (it means the prompt and the images disagree).
+- Pixels are encoded only when a prompt is prefilled; decode steps never see them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import VLMConfig
+from ..errors import PromptError
+from .projector import Projector
+from .text import TextModel
+from .vision import VisionTower
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vision is not None:
+            self.vision_tower = VisionTower(cfg.vision, cfg.feature_layers)
+            self.multi_modal_projector = Projector(cfg.projector)
+        self.language_model = TextModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    @property
+    def has_vision(self) -> bool:
+        return self.cfg.vision is not None
+
+    def tie_weights(self) -> None:
+        if self.cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, H, W) -> image embeddings (N, tokens_per_image, D_text)."""
+        if not self.has_vision:
+            raise PromptError("this model has no vision tower: it cannot take images")
+        states = self.vision_tower(pixels)
+        if self.cfg.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]                     # drop position 0 (CLS on CLIP)
+        features = torch.cat(states, dim=-1) if len(states) > 1 else states[0]
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
+              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with image features written at image_mask positions."""
+        ids = input_ids if image_mask is None else input_ids.masked_fill(image_mask, 0)
+        embeds = self.language_model.embed_tokens(ids)
+        n_slots = 0 if image_mask is None else int(image_mask.sum())
+        n_rows = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if n_slots != n_rows:
+            raise PromptError(f"the prompt has {n_slots} image-token positions but the images "
+                              f"give {n_rows} feature rows")
+        if n_slots:
+            flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), flat)
+        return embeds
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) for the last position."""
+        h = self.language_model(embeds, input_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

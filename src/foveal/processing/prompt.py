@@ -1,0 +1,353 @@
+"""Chat templates, tokenization and image-placeholder expansion.
+
+Mirrors transformers' utils/chat_template_utils.py (rendering) and models/llava/processing_llava.py
+(placeholder expansion), so token ids equal the HF processor's for the same files.
+
+Design decisions:
+- Templates render in jinja2's ImmutableSandboxedEnvironment with what HF adds: trim_blocks,
+  lstrip_blocks, loopcontrols, a `{% generation %}` tag (tracked, so training can mask
+  everything but assistant text), a `tojson` that keeps non-ASCII, `raise_exception`,
+  `strftime_now`. Template errors become PromptError; nothing a template does can reach Python.
+- Template lookup order: chat_template.jinja, chat_template.json, tokenizer_config.json
+  (a string, or a list of named templates: "default" is used). A checkpoint without one gets
+  LLaVA-1.5's template (the original repo ships none).
+- Each image placeholder (the processor's `image_token`, `<image>`) is expanded to as many
+  image tokens as the model's config implies, then the whole prompt is tokenized at once: the
+  same string HF's processor tokenizes. When the vocabulary has no image token (original
+  LLaVA), text chunks are tokenized separately and image slots spliced between them, as
+  LLaVA's `tokenizer_image_token` does. Either way the model gets a boolean image mask.
+- Streaming detokenization keeps two offsets (prefix/read) so each step decodes a short window,
+  and holds text back while it ends in an incomplete UTF-8 sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..errors import ConfigError, PromptError
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_SLOT = -1     # id used for image positions when the vocabulary has no image token
+
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: renders its body and records where it landed."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+    def _mark(self, caller):
+        text = caller()
+        # Private-use sentinels survive rendering; render_chat turns them into character spans.
+        return f"\ue000{text}\ue001"
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                     extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+_ENV.filters["tojson"] = _tojson
+_ENV.globals["raise_exception"] = _raise_exception
+_ENV.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+_TEMPLATE_CACHE: dict[str, jinja2.Template] = {}
+
+
+def compile_template(source: str) -> jinja2.Template:
+    if source not in _TEMPLATE_CACHE:
+        try:
+            _TEMPLATE_CACHE[source] = _ENV.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise PromptError(f"chat template has a syntax error on line {e.lineno}: {e.message}") from None
+    return _TEMPLATE_CACHE[source]
+
+
+@dataclass
+class RenderedChat:
+    text: str
+    generation_spans: list[tuple[int, int]] = field(default_factory=list)   # char spans of {% generation %}
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> RenderedChat:
+    try:
+        raw = compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **extra)
+    except jinja2.exceptions.SecurityError as e:
+        raise PromptError(f"chat template tried something the sandbox forbids: {e}") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise PromptError(f"chat template refused the messages: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise PromptError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
+    text, spans, start = [], [], None
+    length = 0
+    for ch in raw:
+        if ch == "\ue000":
+            start = length
+        elif ch == "\ue001":
+            spans.append((start, length))
+        else:
+            text.append(ch)
+            length += 1
+    return RenderedChat("".join(text), spans)
+
+
+def find_chat_template(folder: Path, tokenizer_config: dict) -> str | None:
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").exists():
+        try:
+            return json.loads((folder / "chat_template.json").read_text())["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{folder / 'chat_template.json'} is not valid (needs a chat_template key)") from None
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):      # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):     # AddedToken serialised as a dict
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer plus what tokenizer_config.json says about special tokens."""
+
+    def __init__(self, tok: HFTokenizer, config: dict | None = None):
+        self.tok = tok
+        self.config = config or {}
+        self.special = {k: _token_content(self.config.get(k)) for k in
+                        ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.special = {k: v for k, v in self.special.items() if v}
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ConfigError(f"no tokenizer.json in {folder}")
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:   # the Rust side raises plain Exception subclasses
+            raise ConfigError(f"{path} cannot be read as a tokenizer: {e}") from None
+        config = {}
+        if (folder / "tokenizer_config.json").exists():
+            try:
+                config = json.loads((folder / "tokenizer_config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{folder / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+        return cls(tok, config)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        for name in ("eos_token",):
+            if name in self.special and self.token_id(self.special[name]) is not None:
+                ids.add(self.token_id(self.special[name]))
+        return ids
+
+
+@dataclass
+class PromptInputs:
+    input_ids: list[int]          # image positions hold the image token id (or IMAGE_SLOT)
+    image_mask: list[bool]
+    n_images: int
+    text: str                     # the rendered prompt before expansion
+    assistant_mask: list[bool] | None = None   # tokens inside {% generation %} (training)
+
+
+def normalize_messages(messages, template: str) -> tuple[list[dict], list]:
+    """Messages for the template (content as typed parts) and the images in prompt order."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise PromptError("messages must be a non-empty list of {'role', 'content'} objects")
+    wants_parts = "type" in template
+    out, images = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise PromptError(f"message {i} must be an object with 'role' and 'content'")
+        role, content = m["role"], m.get("content", "")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise PromptError(f"message {i} has role {role!r}; expected system, user, assistant or tool")
+        parts = [{"type": "image", "image": img} for img in m.get("images") or []]
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif isinstance(content, (list, tuple)):
+            for j, part in enumerate(content):
+                parts.append(_normalize_part(part, i, j))
+        else:
+            raise PromptError(f"message {i} content must be a string or a list of parts")
+        for p in parts:
+            if p["type"] == "image":
+                images.append(p.pop("image"))
+        if wants_parts:
+            out.append({**{k: v for k, v in m.items() if k not in ("content", "images")}, "role": role,
+                        "content": parts})
+        else:   # a text-only template: images become placeholders in front of the text
+            text = "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p["text"] for p in parts)
+            out.append({**{k: v for k, v in m.items() if k not in ("content", "images")}, "role": role,
+                        "content": text})
+    return out, images
+
+
+def _normalize_part(part, i: int, j: int) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict) or "type" not in part:
+        raise PromptError(f"message {i} part {j} must be an object with a 'type'")
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise PromptError(f"message {i} part {j} (text) needs a string 'text'")
+        return {"type": "text", "text": part["text"]}
+    if kind in ("image", "image_url", "input_image"):
+        src = part.get("image", part.get("image_url", part.get("url", part.get("path"))))
+        if isinstance(src, dict):
+            src = src.get("url")
+        if src is None:
+            raise PromptError(f"message {i} part {j} is an image part without an image")
+        return {"type": "image", "image": src}
+    raise PromptError(f"message {i} part {j} has type {kind!r}; expected text or image")
+
+
+class PromptBuilder:
+    """Turns messages into token ids with image slots, for one model."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str | None, image_token_id: int | None,
+                 tokens_per_image: int, image_token: str = IMAGE_PLACEHOLDER):
+        self.tokenizer = tokenizer
+        self.template = template or LLAVA_15_TEMPLATE
+        self.image_token_id = image_token_id
+        self.tokens_per_image = tokens_per_image
+        self.image_token = image_token
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> RenderedChat:
+        return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt,
+                           **self.tokenizer.special)
+
+    def build(self, messages, n_images: int, add_generation_prompt: bool = True,
+              track_assistant: bool = False) -> PromptInputs:
+        rendered = self.render(messages, add_generation_prompt)
+        text = rendered.text
+        n_placeholders = text.count(self.image_token)
+        if n_placeholders != n_images:
+            raise PromptError(f"the prompt has {n_placeholders} image placeholder(s) ({self.image_token}) "
+                              f"but {n_images} image(s) were given")
+        if n_images and self.tokens_per_image == 0:
+            raise PromptError("this model has no vision tower: it cannot take images")
+        add_special = not (self.tokenizer.special.get("bos_token")
+                           and text.startswith(self.tokenizer.special["bos_token"]))
+        if self.image_token_id is not None:
+            expanded = text.replace(self.image_token, self.image_token * self.tokens_per_image)
+            enc = self.tokenizer.tok.encode(expanded, add_special_tokens=add_special)
+            ids = enc.ids
+            mask = [t == self.image_token_id for t in ids]
+            if sum(mask) != n_images * self.tokens_per_image:
+                raise PromptError(f"expected {n_images * self.tokens_per_image} image tokens after expansion, "
+                                  f"found {sum(mask)}: the text itself contains the image token")
+            assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, text, self.image_token,
+                                                              self.tokens_per_image)) if track_assistant else None
+        else:
+            ids, mask, assistant = self._splice(text, add_special, rendered.generation_spans, track_assistant)
+        return PromptInputs(ids, mask, n_images, text, assistant)
+
+    def _splice(self, text, add_special, spans, track):
+        ids, mask, assistant, offset = [], [], [], 0
+        for k, chunk in enumerate(text.split(self.image_token)):
+            if k:
+                ids += [IMAGE_SLOT] * self.tokens_per_image
+                mask += [True] * self.tokens_per_image
+                assistant += [False] * self.tokens_per_image
+                offset += len(self.image_token)
+            enc = self.tokenizer.tok.encode(chunk, add_special_tokens=add_special and k == 0)
+            ids += enc.ids
+            mask += [False] * len(enc.ids)
+            if track:
+                assistant += _span_mask([(a + offset, b + offset) for a, b in enc.offsets], spans)
+            offset += len(chunk)
+        return ids, mask, (assistant if track else None)
+
+
+def _shift_spans(spans, text, image_token, n):
+    """Generation spans in the unexpanded text -> spans in the expanded text."""
+    grow = len(image_token) * (n - 1)
+    out = []
+    for a, b in spans:
+        out.append((a + text.count(image_token, 0, a) * grow, b + text.count(image_token, 0, b) * grow))
+    return out
+
+
+def _span_mask(offsets, spans) -> list[bool]:
+    return [any(a <= s and e <= b and e > s for a, b in spans) for s, e in offsets]
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one by one, get only complete new text."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, self.skip)  # noqa: E731
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
+        full = decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return new
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete sequence at the very end)."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""

@@ -1,0 +1,186 @@
+"""Tiny real models for tests: built with transformers, saved to disk in HF format.
+
+Each builder writes a complete checkpoint folder (config.json, safetensors, tokenizer.json,
+tokenizer_config.json, chat template, preprocessor config) the way transformers'
+`save_pretrained` writes it, then optionally rewrites the tensor names into another layout
+(legacy llava-hf, transformers v5, the original LLaVA repo).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CORPUS = [
+    "USER: What is in this image? ASSISTANT: A red circle and a blue square.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "How many shapes are there? There are three shapes: a triangle, a star and a circle.",
+    "Describe the picture in detail. Colours: red green blue yellow purple orange white black.",
+    "Ünïcödé tëxt, emoji 🙂 and 日本語 also appear sometimes.",
+    "system user assistant <|im_start|> <|im_end|> hello world",
+]
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=None)
+def tokenizer_json(kind: str) -> str:
+    """A byte-level BPE tokenizer ("llama": <s> BOS added; "qwen2": chatml, no BOS)."""
+    specials = (["<unk>", "<s>", "</s>", "<pad>", "<image>"] if kind == "llama"
+                else ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"])
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "llama" else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    if kind == "llama":
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok.to_str()
+
+
+def write_tokenizer(folder: Path, kind: str) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tokenizer_json(kind))
+    tok = Tokenizer.from_str(tokenizer_json(kind))
+    if kind == "llama":
+        cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+               "tokenizer_class": "PreTrainedTokenizerFast", "image_token": "<image>"}
+    else:
+        cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+               "tokenizer_class": "PreTrainedTokenizerFast", "image_token": "<image>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ids = {t: tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>", "<image>", "<|im_end|>", "<|endoftext|>")}
+    return {"vocab_size": tok.get_vocab_size(), **{k: v for k, v in ids.items() if v is not None}}
+
+
+def _text_config(kind: str, vocab: dict, tie: bool, rope_scaling=None, **over):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab["vocab_size"], max_position_embeddings=512,
+                  tie_word_embeddings=tie, initializer_range=0.1)
+    if kind == "qwen2":
+        return Qwen2Config(**common, rope_theta=1e6, bos_token_id=None, eos_token_id=vocab["<|im_end|>"],
+                           pad_token_id=vocab["<|endoftext|>"], **over)
+    C = MistralConfig if kind == "mistral" else LlamaConfig
+    extra = {"rope_scaling": rope_scaling} if rope_scaling else {}
+    return C(**common, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+             rms_norm_eps=1e-5, **extra, **over)
+
+
+def _vision_config(kind: str, image_size: int, patch: int):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=image_size, patch_size=patch, initializer_range=0.1)
+    return CLIPVisionConfig(**common, projection_dim=16) if kind == "clip" else SiglipVisionConfig(**common)
+
+
+def _image_processor(kind: str, image_size: int, mode: str = "crop"):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+    if kind == "siglip":
+        return SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                              "width": image_size})
+
+
+def build_llava(folder: Path, *, vision="clip", text="llama", tie=False, feature_layer=-2, strategy="default",
+                layout="saved", image_size=32, patch=8, seed=0, rope_scaling=None) -> Path:
+    """Save a tiny LlavaForConditionalGeneration (+ processor) into folder; returns folder.
+
+    layout: "saved" (what this transformers' save_pretrained writes), "legacy" (llava-hf names),
+    "v5" (model.language_model.* / model.vision_tower.vision_model.*).
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+    folder = Path(folder)
+    kind = "llama" if text in ("llama", "mistral") else "qwen2"
+    vocab = write_tokenizer(folder, kind)
+    cfg = LlavaConfig(vision_config=_vision_config(vision, image_size, patch),
+                      text_config=_text_config(text, vocab, tie, rope_scaling),
+                      image_token_index=vocab["<image>"], vision_feature_layer=feature_layer,
+                      vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+                      tie_word_embeddings=tie, image_seq_length=(image_size // patch) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(folder)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                     **{k: v for k, v in json.loads((folder / "tokenizer_config.json").read_text())
+                                        .items() if k.endswith("_token") and v})
+    processor = LlavaProcessor(image_processor=_image_processor(vision, image_size), tokenizer=hf_tok,
+                               patch_size=patch, vision_feature_select_strategy=strategy,
+                               chat_template=LLAVA_TEMPLATE if kind == "llama" else QWEN_TEMPLATE,
+                               num_additional_image_tokens=0 if vision == "siglip" else 1,
+                               image_token="<image>")
+    processor.save_pretrained(folder)
+    if layout != "saved":
+        rename_layout(folder, layout)
+    return folder
+
+
+def rename_layout(folder: Path, layout: str) -> None:
+    """Rewrite model.safetensors' names from the saved mix into another layout."""
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    out = {}
+    for k, v in sd.items():
+        if layout == "legacy":
+            k = k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k
+        elif layout == "v5":
+            if k.startswith("language_model.model."):
+                k = "model.language_model." + k[len("language_model.model."):]
+            elif k.startswith("language_model.lm_head."):
+                k = "lm_head." + k[len("language_model.lm_head."):]
+            elif k.startswith("vision_tower."):
+                k = "model.vision_tower.vision_model." + k[len("vision_tower."):]
+            elif k.startswith("multi_modal_projector."):
+                k = "model." + k
+        out[k] = v.contiguous()
+    path.unlink()
+    save_file(out, path, metadata={"format": "pt"})
+
+
+def shard(folder: Path, n: int = 2) -> None:
+    """Split model.safetensors into n shards with an index, as save_pretrained does for big models."""
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: sd[k] for k in keys[i::n]}
+        save_file(part, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    path.unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def hf_model(folder: Path):
+    from transformers import LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_processor(folder: Path):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(folder)
