@@ -153,6 +153,11 @@ class VLM:
             last = chunk
         return GenerationResult("".join(text), ids, last.finish_reason, last.stats)
 
+    def prompt_logits(self, messages) -> tuple[list[int], torch.Tensor]:
+        """(prompt token ids, logits (T, V) at every position) for messages, without generating."""
+        inputs, embeds, _ = self._prepare(messages, Stats())
+        return inputs.input_ids, self.engine.prompt_logits(inputs.input_ids, inputs.image_mask, embeds)
+
     def count_tokens(self, messages) -> int:
         template_messages, image_sources = normalize_messages(messages, self.prompt.template)
         return len(self.prompt.build(template_messages, n_images=len(image_sources)).input_ids)

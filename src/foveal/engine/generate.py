@@ -99,6 +99,17 @@ class Engine:
         self._cached_keys = []
 
     @torch.inference_mode()
+    def prompt_logits(self, input_ids: list[int], image_mask: list[bool], image_embeds) -> torch.Tensor:
+        """Logits (T, V) at every prompt position, computed from scratch (evaluation, parity checks)."""
+        with self.lock:
+            self._ensure_cache(len(input_ids))
+            self._cached_keys = []
+            ids = torch.tensor([input_ids], device=self.device)
+            mask = torch.tensor([image_mask], device=self.device)
+            embeds = self.model.embed(ids, mask if any(image_mask) else None, image_embeds)
+            return self.model(embeds, torch.arange(len(input_ids), device=self.device))[0]
+
+    @torch.inference_mode()
     def stream(self, input_ids: list[int], image_mask: list[bool], image_embeds: torch.Tensor | None,
                image_keys: list, opts: SamplingOptions, stats: Stats, cancel: threading.Event | None = None):
         """Yield Chunks for one prompt. image_keys: one hashable key per image, in prompt order."""

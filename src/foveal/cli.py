@@ -1,0 +1,245 @@
+"""`foveal` command line: run, chat, info (serve, train, eval, ... join as their issues land).
+
+Design decisions:
+- One front end for every model family; a model is a positional reference, optional where a
+  bundled default exists.
+- Errors foveal raises on purpose (FovealError) print one line `error: ...` and exit 1; an
+  unexpected exception is a bug and keeps its traceback.
+- Answers stream to stdout as they decode; statistics go to stderr with --stats so stdout stays
+  clean for pipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import FovealError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: bfloat16 where the "
+                                                   "hardware supports it)")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--vision-tower", default=None, help="original-LLaVA checkpoints: the CLIP tower folder")
+    p.add_argument("--image-mode", choices=("crop", "pad", "resize"), default=None,
+                   help="image preprocessing (default: the checkpoint's processor config)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args, model):
+    from .api import load
+    return load(model, device=args.device, dtype=args.dtype, context_length=args.ctx,
+                vision_tower=args.vision_tower, image_mode=args.image_mode)
+
+
+def _print_stats(stats, out=sys.stderr) -> None:
+    print(f"[{stats.prompt_tokens} prompt tokens ({stats.image_tokens} image, {stats.cached_tokens} cached), "
+          f"{stats.generated_tokens} generated | preprocess {stats.preprocess_s * 1e3:.0f} ms, encode "
+          f"{stats.encode_s * 1e3:.0f} ms, prefill {stats.prefill_s * 1e3:.0f} ms "
+          f"({stats.prefill_tokens_per_s:.0f} tok/s), decode {stats.decode_s * 1e3:.0f} ms "
+          f"({stats.decode_tokens_per_s:.1f} tok/s)]", file=out)
+
+
+def cmd_run(args) -> int:
+    if len(args.words) == 1:
+        model, prompt = None, args.words[0]
+    elif len(args.words) == 2:
+        model, prompt = args.words
+    else:
+        raise FovealError("usage: foveal run [MODEL] [--image FILE ...] PROMPT")
+    vlm = _load(args, args.model or model)
+    content = [{"type": "image", "image": path} for path in args.image or []]
+    content.append({"type": "text", "text": prompt})
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+               [{"role": "user", "content": content}]
+    last = None
+    for chunk in vlm.stream(messages, **_sampling(args)):
+        print(chunk.text, end="", flush=True)
+        last = chunk
+    print()
+    if args.stats:
+        _print_stats(last.stats)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    vlm = _load(args, args.model)
+    history, pending_images = [], []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"foveal chat with {vlm.name}: /image PATH attaches an image, /clear forgets, /exit leaves")
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit", "/bye"):
+            break
+        if line == "/clear":
+            history, pending_images = [], []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                from .processing.images import load_image
+                load_image(path, vlm.image_limits)       # refuse a bad image now, not at the next question
+            except FovealError as e:
+                print(f"error: {e}")
+                continue
+            pending_images.append(path)
+            print(f"(image {path} attached to your next message)")
+            continue
+        if line.startswith("/"):
+            print("commands: /image PATH, /clear, /exit")
+            continue
+        content = [{"type": "image", "image": p} for p in pending_images] + [{"type": "text", "text": line}]
+        turn = history + [{"role": "user", "content": content}]
+        reply, last = [], None
+        try:
+            for chunk in vlm.stream(turn, **_sampling(args)):
+                print(chunk.text, end="", flush=True)
+                reply.append(chunk.text)
+                last = chunk
+        except FovealError as e:
+            print(f"error: {e}")
+            continue
+        print()
+        if args.stats:
+            _print_stats(last.stats)
+        history = turn + [{"role": "assistant", "content": [{"type": "text", "text": "".join(reply).strip()}]}]
+        pending_images = []
+    return 0
+
+
+def info_dict(vlm) -> dict:
+    cfg = vlm.config
+    counts = vlm.parameter_counts()
+    d = {
+        "model": str(vlm.path),
+        "architecture": cfg.architecture,
+        "layout": cfg.layout,
+        "language_model": cfg.text.model_type,
+        "vision_tower": cfg.vision.model_type if cfg.vision else None,
+        "projector": cfg.projector.kind if cfg.projector and cfg.vision else None,
+        "parameters": counts | {"total": sum(counts.values())},
+        "dtype": str(vlm.dtype).replace("torch.", ""),
+        "image_size": cfg.vision.image_size if cfg.vision else None,
+        "image_tokens_per_image": vlm.image_tokens_per_image,
+        "context_length": vlm.context_length,
+        "weight_bytes": vlm.weight_bytes(),
+    }
+    return d
+
+
+def cmd_info(args) -> int:
+    vlm = _load(args, args.model)
+    d = info_dict(vlm)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    p = d["parameters"]
+    lines = [
+        ("model", d["model"]),
+        ("architecture", f"{d['architecture']} ({d['layout']} layout)"),
+        ("language model", d["language_model"]),
+        ("vision tower", d["vision_tower"] or "none (text only)"),
+        ("projector", d["projector"] or "-"),
+        ("parameters", f"{_human(p['total'])} total: vision {_human(p['vision'])}, projector "
+                       f"{_human(p['projector'])}, language model {_human(p['language_model'])}"),
+        ("dtype", d["dtype"]),
+        ("image tokens/image", f"{d['image_tokens_per_image']} ({d['image_size']} px)" if d["image_size"] else "0"),
+        ("context length", d["context_length"]),
+        ("weight memory", f"{d['weight_bytes'] / 2**20:.1f} MiB"),
+    ]
+    for k, v in lines:
+        print(f"{k:<20}{v}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foveal", description="Run vision-language models on your machine.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("run", help="answer one prompt (optionally about images)")
+    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT")
+    p.add_argument("--model", default=None, help="model reference (instead of the first positional)")
+    p.add_argument("--image", action="append", help="image file (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--stats", action="store_true", help="print token counts and stage timings to stderr")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat (/image PATH, /clear, /exit)")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--stats", action="store_true")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="architecture, parameter counts, image tokens, context, memory")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--json", action="store_true")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    # `foveal run MODEL --image a.png "question"` puts options between positionals, which
+    # argparse leaves over: take the left-over words as more positionals of `run`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) != "run" or any(w.startswith("-") and len(w) > 1 for w in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.words += extra
+    if args.version:
+        from . import __version__
+        print(f"foveal {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except FovealError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
