@@ -322,7 +322,8 @@ def _shift_spans(spans, text, image_token, n):
 
 
 def _span_mask(offsets, spans) -> list[bool]:
-    return [any(a <= s and e <= b and e > s for a, b in spans) for s, e in offsets]
+    # a token counts when any of its characters lies in a span (HF marks tokens via char_to_token)
+    return [any(s < b and e > a for a, b in spans) for s, e in offsets]
 
 
 class StreamDecoder:

@@ -1,0 +1,132 @@
+"""The generation engine: streaming, stop conditions, sampling, KV-cache reuse, options."""
+
+import threading
+
+import pytest
+from PIL import Image
+
+import foveal
+import tiny
+from foveal.engine.sampling import SamplingOptions
+from foveal.errors import SamplingError
+from foveal.processing.prompt import StreamDecoder, Tokenizer
+
+IMG = Image.new("RGB", (40, 40), (200, 20, 20))
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    return foveal.load(tiny.build_llava(tmp_path_factory.mktemp("engine")), dtype="float32")
+
+
+def ask(text="Tell me about it.", images=(IMG,)):
+    return [foveal.user(text, images=list(images))]
+
+
+def test_stream_concatenates_to_generate(vlm):
+    full = vlm.generate(ask(), max_tokens=24)
+    chunks = list(vlm.stream(ask(), max_tokens=24))
+    assert "".join(c.text for c in chunks) == full.text
+    assert [t for c in chunks for t in c.token_ids] == full.token_ids
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert chunks[-1].finish_reason == full.finish_reason
+    s = full.stats
+    assert s.prompt_tokens > s.image_tokens == vlm.image_tokens_per_image and s.images == 1
+    assert s.generated_tokens == len(full.token_ids)
+    assert min(s.preprocess_s, s.encode_s, s.prefill_s, s.decode_s) >= 0
+
+
+def test_max_tokens_gives_length(vlm):
+    r = vlm.generate(ask(), max_tokens=3)
+    assert r.finish_reason in ("length", "stop")
+    if r.finish_reason == "length":
+        assert len(r.token_ids) == 3
+
+
+def test_stop_string_cuts_text_and_never_streams_it(vlm):
+    free = vlm.generate(ask(), max_tokens=24).text
+    stop = free[len(free) // 2: len(free) // 2 + 2]
+    assert stop.strip(), "random model produced too little text for this test"
+    chunks = list(vlm.stream(ask(), max_tokens=24, stop=[stop]))
+    text = "".join(c.text for c in chunks)
+    assert text == free[:free.index(stop)]
+    assert chunks[-1].finish_reason == "stop"
+    assert all(stop not in c.text for c in chunks)
+
+
+def test_seed_makes_sampling_reproducible(vlm):
+    a = vlm.generate(ask(), max_tokens=16, temperature=1.0, seed=7)
+    b = vlm.generate(ask(), max_tokens=16, temperature=1.0, seed=7)
+    c = vlm.generate(ask(), max_tokens=16, temperature=1.0, seed=8)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_1_is_greedy_and_filters_compose(vlm):
+    greedy = vlm.generate(ask(), max_tokens=12)
+    assert vlm.generate(ask(), max_tokens=12, temperature=1.0, top_k=1, seed=3).token_ids == greedy.token_ids
+    r = vlm.generate(ask(), max_tokens=12, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
+                     repetition_penalty=1.3, seed=1)
+    assert len(r.token_ids) >= 1
+
+
+def test_repetition_penalty_changes_greedy_output(vlm):
+    plain = vlm.generate(ask(), max_tokens=24).token_ids
+    penalised = vlm.generate(ask(), max_tokens=24, repetition_penalty=5.0).token_ids
+    assert plain != penalised
+    assert len(set(penalised)) >= len(set(plain))
+
+
+def test_prefix_reuse_matches_fresh_computation(vlm):
+    first = vlm.generate(ask(), max_tokens=8)
+    turn2 = ask() + [{"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+                     {"role": "user", "content": [{"type": "text", "text": "And then?"}]}]
+    reused = vlm.generate(turn2, max_tokens=8)
+    assert reused.stats.cached_tokens > vlm.image_tokens_per_image
+    vlm.engine.reset()
+    fresh = vlm.generate(turn2, max_tokens=8)
+    assert fresh.stats.cached_tokens == 0
+    assert fresh.token_ids == reused.token_ids
+
+
+def test_two_images_and_image_cache(vlm):
+    other = Image.new("RGB", (30, 50), (20, 20, 200))
+    r = vlm.generate(ask("Compare.", images=(IMG, other)), max_tokens=4)
+    assert r.stats.image_tokens == 2 * vlm.image_tokens_per_image and r.stats.images == 2
+
+
+def test_cancel_stops_generation(vlm):
+    cancel = threading.Event()
+    seen = 0
+    for chunk in vlm.stream(ask(), max_tokens=200, cancel=cancel):
+        seen += 1
+        cancel.set()
+    assert chunk.done and chunk.stats.generated_tokens <= 3
+
+
+@pytest.mark.parametrize("bad,name", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"), (dict(top_k=-2), "top_k"), (dict(min_p=2), "min_p"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(temperature="hot"), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(stop=[1, 2]), "stop"),
+    (dict(max_tokens=1.5), "max_tokens"), (dict(frobnicate=1), "frobnicate"),
+])
+def test_bad_options_name_the_option(vlm, bad, name):
+    with pytest.raises(SamplingError, match=name):
+        vlm.generate(ask(), **bad)
+
+
+def test_options_defaults_are_valid():
+    SamplingOptions.from_kwargs()
+    assert SamplingOptions.from_kwargs(stop="x").stop == ["x"]
+
+
+def test_stream_decoder_never_emits_broken_utf8(tmp_path):
+    tiny.write_tokenizer(tmp_path, "qwen2")
+    tok = Tokenizer.from_folder(tmp_path)
+    text = "Ünïcödé 🙂 日本語 and emoji 🙂🙂 done"
+    ids = tok.encode(text, add_special_tokens=False)
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
