@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -192,53 +193,92 @@ def _find_tower(cfg: C.VLMConfig, folder: Path, vision_tower) -> Path:
                              f"vision_tower=PATH")
 
 
-def _image_config(cfg: C.VLMConfig, folder: Path, raw: dict) -> ImageProcessorConfig | None:
-    if cfg.vision is None:
-        return None
+def _from_folder_image_processor(folder: Path) -> dict | None:
     for name in ("preprocessor_config.json", "processor_config.json"):
         if (folder / name).exists():
             d = _read_json(folder / name)
-            d = d.get("image_processor", d)
-            ipc = ImageProcessorConfig.from_hf(d)
-            break
+            return d.get("image_processor", d)
+    return None
+
+
+def _image_config(cfg: C.VLMConfig, image_processor: dict | None, raw: dict,
+                  image_mode: str | None) -> ImageProcessorConfig | None:
+    if cfg.vision is None:
+        return None
+    if image_processor is not None:
+        ipc = ImageProcessorConfig.from_hf(image_processor)
     else:
         ipc = ImageProcessorConfig.for_vision("siglip" if cfg.vision.is_siglip else "clip", cfg.vision.image_size)
     if raw.get("image_aspect_ratio") == "pad":     # original LLaVA-1.5 trained on padded squares
         ipc.mode = "pad"
+    if image_mode is not None:
+        if image_mode not in ("crop", "pad", "resize"):
+            raise ConfigError(f"image_mode {image_mode!r} is not supported; use crop, pad or resize")
+        ipc.mode = image_mode
     return ipc
 
 
-def _eos_ids(cfg: C.VLMConfig, folder: Path, tokenizer: Tokenizer) -> set[int]:
-    ids = set(cfg.text.eos_token_id) | tokenizer.eos_ids()
-    gen = folder / "generation_config.json"
-    if gen.exists():
-        eos = _read_json(gen).get("eos_token_id")
-        ids |= set([eos] if isinstance(eos, int) else (eos or []))
-    return ids
+@dataclass
+class _Checkpoint:
+    """What load() needs, wherever it came from (HF folder or GGUF)."""
+    path: Path
+    raw_config: dict
+    sources: dict
+    tokenizer: Tokenizer
+    template: str | None
+    image_processor: dict | None
+    generation_config: dict
 
 
-def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=None,
+def _from_folder(folder: Path) -> _Checkpoint:
+    raw = C.load_config_file(folder / "config.json")
+    tokenizer = Tokenizer.from_folder(folder)
+    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
+    return _Checkpoint(folder, raw, open_checkpoint(folder), tokenizer, find_chat_template(folder, tokenizer.config),
+                       _from_folder_image_processor(folder), gen)
+
+
+def _from_gguf(path: Path, mmproj: Path | None, dtype: torch.dtype, template: str | None) -> _Checkpoint:
+    from tokenizers import Tokenizer as HFTokenizer
+    from .weights.gguf import read_gguf
+    from .weights.safetensors import MemoryCheckpoint
+    ckpt = read_gguf(path, mmproj, dtype=dtype if dtype != torch.float16 else torch.float32)
+    tokenizer = Tokenizer(HFTokenizer.from_str(ckpt.tokenizer_json), ckpt.tokenizer_config)
+    jinja = ckpt.tokenizer_config.get("chat_template") or None
+    return _Checkpoint(path, ckpt.config, MemoryCheckpoint(str(path), ckpt.tensors).sources(), tokenizer, jinja,
+                       ckpt.preprocessor_config, {})
+
+
+def _locate(ref, mmproj, dtype) -> _Checkpoint:
+    if ref is None:
+        from .bundled import bundled_model_path
+        ref = bundled_model_path()
+    path = Path(ref).expanduser() if isinstance(ref, (str, Path)) else None
+    if path is not None and path.is_dir() and (path / "config.json").exists() and mmproj is None:
+        return _from_folder(path)
+    from .weights.resolve import resolve
+    found = resolve(ref, mmproj=mmproj)
+    if found.kind == "hf":
+        return _from_folder(found.path)
+    return _from_gguf(found.path, found.mmproj, dtype, found.template)
+
+
+def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=None, mmproj=None,
          context_length: int | None = None, image_limits: ImageLimits | None = None,
          image_mode: str | None = None) -> VLM:
-    """Load a model: an HF-format folder (LLaVA, original LLaVA + CLIP tower, or a text LM)."""
+    """Load a model from a reference: an HF folder (LLaVA, original LLaVA + CLIP tower, text LM),
+    a GGUF file (+ mmproj), `hf:ORG/NAME`, `ollama:NAME[:TAG]`, `lmstudio:PUB/REPO`."""
     t0 = time.perf_counter()
     if quant is not None:
         raise ConfigError(f"quant={quant!r}: quantization is not available in this build yet")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if ref is None:
-        from .bundled import bundled_model_path
-        ref = bundled_model_path()
-    folder = Path(ref).expanduser()
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"model {str(ref)!r} not found: expected a folder with config.json and "
-                                 f"*.safetensors")
-    raw = C.load_config_file(folder / "config.json")
-    cfg = C.config_from_hf(raw)
-    sources = open_checkpoint(folder)
+    ck = _locate(ref, mmproj, dtype)
+    cfg = C.config_from_hf(ck.raw_config)
+    sources = ck.sources
     tower = None
     if cfg.layout == "original":
-        tower = _find_tower(cfg, folder, vision_tower)
+        tower = _find_tower(cfg, ck.path, vision_tower)
         C.attach_vision(cfg, C.load_config_file(tower / "config.json"))
         sources.update({k: v for k, v in open_checkpoint(tower).items() if k.startswith("vision_tower.")})
     with torch.device("meta"):
@@ -249,8 +289,7 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     model.language_model.init_rope(device)
     model.eval().requires_grad_(False)
 
-    tokenizer = Tokenizer.from_folder(folder)
-    template = find_chat_template(folder, tokenizer.config)
+    tokenizer = ck.tokenizer
     image_token = tokenizer.config.get("image_token") or IMAGE_PLACEHOLDER
     image_token_id = cfg.image_token_id
     if cfg.layout == "llava-hf" and tokenizer.token_id(image_token) != image_token_id:
@@ -258,20 +297,22 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
         if found is None:
             raise ConfigError(f"config image_token_index {image_token_id} is not in the tokenizer's vocabulary")
         image_token = found
-    prompt = PromptBuilder(tokenizer, template, image_token_id if cfg.layout == "llava-hf" else None,
+    prompt = PromptBuilder(tokenizer, ck.template, image_token_id if cfg.layout == "llava-hf" else None,
                            cfg.image_tokens_per_image, image_token)
-    image_config = _image_config(cfg, tower or folder, raw)
-    if image_mode is not None and image_config is not None:
-        if image_mode not in ("crop", "pad", "resize"):
-            raise ConfigError(f"image_mode {image_mode!r} is not supported; use crop, pad or resize")
-        image_config.mode = image_mode
+    image_processor = ck.image_processor
+    if tower is not None:
+        image_processor = _from_folder_image_processor(tower)
+    image_config = _image_config(cfg, image_processor, ck.raw_config, image_mode)
     ctx = cfg.text.max_position_embeddings
     if context_length is not None:
         if not isinstance(context_length, int) or context_length < 16:
             raise ConfigError(f"context_length must be an integer >= 16, got {context_length!r}")
         ctx = context_length
-    engine = Engine(model, tokenizer, _eos_ids(cfg, folder, tokenizer), ctx, device, dtype)
-    return VLM(model, cfg, tokenizer, prompt, image_config, engine, folder, dtype, device,
+    eos = set(cfg.text.eos_token_id) | tokenizer.eos_ids()
+    gen_eos = ck.generation_config.get("eos_token_id")
+    eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+    engine = Engine(model, tokenizer, eos, ctx, device, dtype)
+    return VLM(model, cfg, tokenizer, prompt, image_config, engine, ck.path, dtype, device,
                image_limits or ImageLimits(), time.perf_counter() - t0)
 
 

@@ -173,15 +173,17 @@ def vision_config_from_hf(d: dict) -> VisionConfig:
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ConfigError(f"vision hidden_size {cfg.hidden_size} is not divisible by "
                           f"num_attention_heads {cfg.num_attention_heads}")
-    if cfg.image_size % cfg.patch_size:
-        raise ConfigError(f"vision image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    # not necessarily a multiple: SigLIP-so400m is 384 px in 14 px patches (27 x 27, the conv floors)
+    if cfg.image_size < cfg.patch_size:
+        raise ConfigError(f"vision image_size {cfg.image_size} is smaller than patch_size {cfg.patch_size}")
     return cfg
 
 
 def rope_config_from_hf(d: dict) -> RopeConfig:
     params = d.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta, scaling = params["rope_theta"], params
+    if isinstance(params, dict) and params:
+        # v5 form; like transformers, a theta missing from it comes from the top-level rope_theta
+        theta, scaling = params.get("rope_theta", d.get("rope_theta", 10000.0)), params
     else:
         theta, scaling = d.get("rope_theta", 10000.0), d.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -56,6 +55,8 @@ NAME_RULES = [
     (r"^model\.(layers|embed_tokens|norm)\b", r"language_model.\1"),
     # a separate CLIP / SigLIP checkpoint (CLIPVisionModel or the full CLIPModel)
     (r"^vision_model\.", "vision_tower."),
+    # ... as transformers 5.2x's CLIPVisionModel / SiglipVisionModel.save_pretrained writes it (no prefix)
+    (r"^(embeddings|encoder|pre_layrnorm|post_layernorm)\.", r"vision_tower.\1."),
 ]
 _COMPILED_RULES = [(re.compile(p), r) for p, r in NAME_RULES]
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
@@ -176,6 +177,22 @@ def _tensor_info(path: Path, name: str, entry, base: int, size: int) -> TensorIn
         raise WeightsError(f"{where}: data ends at byte {base + end} but the file has {size} bytes; "
                            f"the file is truncated")
     return TensorInfo(path, name, dtype, tuple(shape), base + begin, base + end)
+
+
+class MemoryCheckpoint:
+    """Tensors already in memory (a converted GGUF), with SafetensorsFile's lookup interface."""
+
+    def __init__(self, origin: str, tensors: dict[str, torch.Tensor]):
+        self.path = origin
+        self._tensors = tensors
+        self.tensors = {k: TensorInfo(Path(origin), k, t.dtype, tuple(t.shape), 0, 0) for k, t in tensors.items()}
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self._tensors.pop(name)        # hand the tensor over: the model keeps the only reference
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def sources(self) -> dict[str, tuple["MemoryCheckpoint", str]]:
+        return {canonical_name(k): (self, k) for k in self.tensors if not IGNORED.search(k)}
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
