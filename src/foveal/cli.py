@@ -24,6 +24,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                                                    "hardware supports it)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--vision-tower", default=None, help="original-LLaVA checkpoints: the CLIP tower folder")
+    p.add_argument("--mmproj", default=None, help="GGUF models: the projector (mmproj) file")
     p.add_argument("--image-mode", choices=("crop", "pad", "resize"), default=None,
                    help="image preprocessing (default: the checkpoint's processor config)")
 
@@ -47,7 +48,7 @@ def _sampling(args) -> dict:
 def _load(args, model):
     from .api import load
     return load(model, device=args.device, dtype=args.dtype, context_length=args.ctx,
-                vision_tower=args.vision_tower, image_mode=args.image_mode)
+                vision_tower=args.vision_tower, image_mode=args.image_mode, mmproj=args.mmproj)
 
 
 def _print_stats(stats, out=sys.stderr) -> None:
@@ -179,6 +180,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_ls(args) -> int:
+    from .weights.resolve import list_models
+    models = list_models()
+    if args.json:
+        print(json.dumps([{"name": m.name, "source": m.source, "kind": m.kind, "path": str(m.path),
+                           "mmproj": str(m.mmproj) if m.mmproj else None, "size_bytes": m.size_bytes,
+                           "vision": m.is_vlm} for m in models], indent=2))
+        return 0
+    if not models:
+        print("no models found in the Hugging Face cache, the Ollama store or LM Studio's folders")
+        return 0
+    width = max(len(m.name) for m in models) + 2
+    print(f"{'NAME':<{width}}{'SOURCE':<10}{'FORMAT':<8}{'SIZE':>10}  VISION")
+    for m in models:
+        print(f"{m.name:<{width}}{m.source:<10}{m.kind:<8}{m.size_bytes / 2**30:>8.2f}GB  "
+              f"{'yes' if m.is_vlm else 'no'}")
+    return 0
+
+
 def _human(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -213,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_model_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ls", help="models found in the HF cache, the Ollama store and LM Studio's folders")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
     return parser
 
 
