@@ -269,8 +269,6 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     """Load a model from a reference: an HF folder (LLaVA, original LLaVA + CLIP tower, text LM),
     a GGUF file (+ mmproj), `hf:ORG/NAME`, `ollama:NAME[:TAG]`, `lmstudio:PUB/REPO`."""
     t0 = time.perf_counter()
-    if quant is not None:
-        raise ConfigError(f"quant={quant!r}: quantization is not available in this build yet")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     ck = _locate(ref, mmproj, dtype)
@@ -281,11 +279,16 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
         tower = _find_tower(cfg, ck.path, vision_tower)
         C.attach_vision(cfg, C.load_config_file(tower / "config.json"))
         sources.update({k: v for k, v in open_checkpoint(tower).items() if k.startswith("vision_tower.")})
+    from . import quant as Q
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
-    optional = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+        saved_quant, want_quant = Q.before_load(model, ck.raw_config, dtype, quant)
+    tied = cfg.text.tie_word_embeddings and not Q.head_is_quantized(model)
+    optional = {"lm_head.weight"} if tied else set()
     load_into(model, sources, dtype, device, optional=optional)
-    model.tie_weights()
+    if tied or not cfg.text.tie_word_embeddings:
+        model.tie_weights()
+    Q.after_load(model, saved_quant, want_quant)
     model.language_model.init_rope(device)
     model.eval().requires_grad_(False)
 

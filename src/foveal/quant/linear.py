@@ -1,0 +1,230 @@
+"""Weight-only quantized linear layers: `Int8Linear` (per output channel) and `Int4Linear` (group-wise).
+
+Design decisions (after gpt-fast's quantize.py):
+- Each is a drop-in replacement for `nn.Linear` holding its own buffers; the state dict holds a
+  portable layout (documented below) that does not depend on the PyTorch release.
+- Decode (few rows, bf16 activations, CPU) uses PyTorch's packed kernels
+  `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu`; prefill (many rows), fp32
+  activations, other devices and shapes the kernels refuse dequantize to the activation dtype and
+  call `F.linear` (bf16 matmuls run on AMX about 15x faster than the packed kernels with many rows).
+- The int4 CPU kernel wants its weight in a private packed layout that changed between releases.
+  `pack()` converts once and keeps a single copy; the layout this module knows (torch 2.13:
+  `[N/64, K, 32]` bytes, row n in the low nibble and row n+32 in the high one) is verified by a
+  probe at first use, and when the probe disagrees the module stays on the fallback path.
+- `fast = False` on a module (see `set_fast_path`) forces the fallback; tests compare the two.
+
+Portable layouts (what checkpoints hold):
+- int8: `weight` int8 [N, K], `scales` [N]; w = weight * scales[:, None] (symmetric).
+- int4: `weight` uint8 [N, K/2], byte j of row n holds k = 2j (low nibble) and 2j + 1 (high);
+  `scales`, `zeros` [N, K/group]; w = (q - 8) * scale + zero for q in [0, 15] (symmetric: zero = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Above this many rows the packed kernels lose to dequantize + bf16 matmul (peers.md: ~0.15 vs
+# ~2.5 TFLOP/s); decode has 1 row per sequence.
+MAX_FAST_ROWS = 16
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales[:, None]).T + bias with an int8 [N, K] weight."""
+
+    mode = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.fast = True
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **_) -> "Int8Linear":
+        w = linear.weight.detach()
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, w.device)
+        w = w.float()
+        # scales rounded to the stored dtype first, so the rounding of the scale costs nothing extra
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(dtype)
+        mod.weight = (w / scales.float()[:, None]).round().clamp(-128, 127).to(torch.int8)
+        mod.scales = scales
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().to(dtype).clone()
+        return mod
+
+    def pack(self) -> None:
+        """`_weight_int8pack_mm` reads the portable layout, but crashes on a weight that is not
+        64-byte aligned (an mmap view into a safetensors file): copy such a weight once."""
+        if self.weight.device.type == "cpu" and (self.weight.data_ptr() % 64 or not self.weight.is_contiguous()):
+            self.weight = self.weight.contiguous().clone()
+
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        return (self.fast and x.device.type == "cpu" and x.dtype == torch.bfloat16 and _rows(x) <= MAX_FAST_ROWS
+                and hasattr(torch, "_weight_int8pack_mm"))
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fast_path(x):
+            try:
+                y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
+                                              self.scales.to(x.dtype)).view(*x.shape[:-1], -1)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+            except RuntimeError:
+                self.fast = False      # this build refuses the op: stay on the fallback from now on
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---- int4 -------------------------------------------------------------------------------
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in [0, 15] -> uint8 [N, K/2] (k even: low nibble, k odd: high nibble)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K]."""
+    return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], -1)
+
+
+def _to_cpu_pack(q: torch.Tensor) -> torch.Tensor:
+    """The layout torch 2.13's `_convert_weight_to_int4pack_for_cpu` gives for N % 64 == 0."""
+    N, K = q.shape
+    b = q.to(torch.uint8).view(N // 64, 2, 32, K).transpose(-1, -2)       # (N/64, 2, K, 32)
+    return (b[:, 0] | (b[:, 1] << 4)).reshape(N, K // 2)
+
+
+def _from_cpu_pack(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_to_cpu_pack`: packed uint8 [N, K/2] -> q uint8 [N, K]."""
+    N, K = p.shape[0], p.shape[1] * 2
+    b = p.view(N // 64, K, 32)
+    return torch.stack([b & 15, b >> 4], dim=1).transpose(-1, -2).reshape(N, K)
+
+
+_CPU_INT4_OK: bool | None = None
+
+
+def cpu_int4_available() -> bool:
+    """Whether the int4 CPU kernel exists and packs the way `_to_cpu_pack` assumes (probed once)."""
+    global _CPU_INT4_OK
+    if _CPU_INT4_OK is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            ok = packed.dtype == torch.uint8 and torch.equal(packed, _to_cpu_pack(q))
+            x = torch.randn(2, 64, generator=g).bfloat16()
+            sz = torch.stack([torch.full((2, 128), 0.5), torch.full((2, 128), 0.25)], -1).bfloat16()
+            y = torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+            ref = x.float() @ ((q.float() - 8) * 0.5 + 0.25).t()
+            _CPU_INT4_OK = bool(ok and torch.allclose(y.float(), ref, atol=0.5, rtol=2e-2))
+        except (AttributeError, RuntimeError, TypeError):
+            _CPU_INT4_OK = False
+    return _CPU_INT4_OK
+
+
+class Int4Linear(nn.Module):
+    """Group-wise 4-bit weights: w = (q - 8) * scale + zero per group of `group_size` inputs."""
+
+    mode = "int4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
+                 dtype=torch.bfloat16, device=None):
+        super().__init__()
+        if group_size not in GROUP_SIZES or in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide {in_features} inputs")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.fast = True
+        self.packed = False          # weight holds the CPU kernel's layout (see pack())
+        self._scales_zeros: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, symmetric: bool = False) -> "Int4Linear":
+        w = linear.weight.detach()
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        N, K = w.shape
+        mod = cls(K, N, linear.bias is not None, group_size, dtype, w.device)
+        g = w.float().view(N, K // group_size, group_size)
+        if symmetric:
+            scales = (g.abs().amax(-1) / 7).clamp(min=1e-10).to(dtype)
+            zeros = torch.zeros_like(scales)
+        else:
+            lo, hi = g.amin(-1), g.amax(-1)
+            scales = ((hi - lo) / 15).clamp(min=1e-10).to(dtype)
+            zeros = (lo + 8 * scales.float()).to(dtype)
+        q = ((g - zeros.float()[..., None]) / scales.float()[..., None] + 8).round().clamp(0, 15)
+        mod.weight = pack_nibbles(q.view(N, K))
+        mod.scales, mod.zeros = scales, zeros
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().to(dtype).clone()
+        return mod
+
+    # ---- layouts ----------------------------------------------------------------------
+    def can_pack(self) -> bool:
+        return (self.weight.device.type == "cpu" and self.out_features % 64 == 0 and cpu_int4_available())
+
+    def pack(self) -> None:
+        """Convert the weight to the CPU kernel's layout in place (one copy), if the kernel fits."""
+        if self.packed or not self.fast or not self.can_pack():
+            return
+        q = unpack_nibbles(self.weight).to(torch.int32)
+        self.weight = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.packed = True
+        # (K/group, N, 2) as the kernel wants; scales / zeros become views of it (no extra copy)
+        sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
+        self._scales_zeros = sz
+        self.scales, self.zeros = sz[..., 0].t(), sz[..., 1].t()
+
+    def q(self) -> torch.Tensor:
+        """The 4-bit codes, uint8 [N, K], whatever the current layout."""
+        return _from_cpu_pack(self.weight) if self.packed else unpack_nibbles(self.weight)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed:
+            destination[prefix + "weight"] = pack_nibbles(self.q())
+
+    # ---- compute ----------------------------------------------------------------------
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        return (self.fast and self.packed and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and _rows(x) <= MAX_FAST_ROWS)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        N, K, gs = self.out_features, self.in_features, self.group_size
+        q = self.q().view(N, K // gs, gs).to(dtype) - 8
+        return (q * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]).view(N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fast_path(x):
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.group_size,
+                                                  self._scales_zeros.to(x.dtype)).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}, packed={self.packed}")
+
+
+QUANTIZED = (Int8Linear, Int4Linear)

@@ -1,0 +1,187 @@
+"""Swap a model's `nn.Linear`s for quantized ones, describe the result, save and reload it.
+
+Design decisions:
+- The language model's linears and the LM head are quantized; the token embedding is not (a
+  tied head gets its own quantized copy, as llama.cpp does); the vision tower and projector stay
+  in the float dtype unless `vision=` names a mode ("the encoder is sensitive to quantization").
+- Modules are swapped one at a time, so the float weight of a layer is dropped as soon as its
+  quantized replacement exists: memory never holds two full copies.
+- A linear whose input size the int4 group does not divide is quantized to int8 instead; the
+  config's `modules` map records the mode of every quantized module, so loading rebuilds exactly.
+- config.json gains `"quantization": {"method": "foveal", "mode", "group_size", "symmetric",
+  "vision", "modules": {name: mode}}`; the checkpoint holds each module's portable buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .linear import GROUP_SIZES, QUANTIZED, Int4Linear, Int8Linear
+
+MODES = ("int8", "int4")
+DEFAULT_GROUP = 64
+LM_PREFIXES = ("language_model.", "lm_head")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+
+
+def parse_quant(spec: str) -> tuple[str, int]:
+    """"int8" | "int4" | "int4-g32" (group 32/64/128/256) -> (mode, group_size)."""
+    m = re.fullmatch(r"(int8|int4)(?:-g(\d+))?", str(spec).strip().lower())
+    if not m or (m.group(1) == "int8" and m.group(2)):
+        raise ConfigError(f"quant={spec!r} is not supported; use int8, int4 or int4-gN with N in "
+                          f"{', '.join(map(str, GROUP_SIZES))}")
+    group = int(m.group(2)) if m.group(2) else DEFAULT_GROUP
+    check_group_size(group)
+    return m.group(1), group
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"int4 group size {group_size} is not supported; use one of "
+                          f"{', '.join(map(str, GROUP_SIZES))}")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def plan_modules(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP,
+                 vision: str | None = None) -> dict[str, str]:
+    """name -> "int8" | "int4" for every linear that `quantize_model` would quantize."""
+    if mode not in MODES:
+        raise ConfigError(f"quantization mode {mode!r} is not supported; use int8 or int4")
+    if vision not in (None, *MODES):
+        raise ConfigError(f"vision quantization {vision!r} is not supported; use int8 or int4 (or none)")
+    if mode == "int4" or vision == "int4":
+        check_group_size(group_size)
+    plan = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        want = mode if name.startswith(LM_PREFIXES) else vision if name.startswith(VISION_PREFIXES) else None
+        if want == "int4" and mod.in_features % group_size:
+            want = "int8"
+        if want:
+            plan[name] = want
+    return plan
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAULT_GROUP, vision: str | None = None,
+                   symmetric: bool = False, fast: bool = True) -> dict[str, str]:
+    """Quantize `model` in place (LM linears + head; vision too if `vision`); returns the module map."""
+    plan = plan_modules(model, mode, group_size, vision)
+    for name, want in plan.items():
+        linear = model.get_submodule(name)
+        with torch.no_grad():
+            q = (Int4Linear.from_linear(linear, group_size, symmetric) if want == "int4"
+                 else Int8Linear.from_linear(linear))
+        q.fast = fast
+        q.pack()
+        _set_module(model, name, q)
+        del linear
+    model.quantization = {"method": "foveal", "mode": mode, "group_size": group_size if "int4" in plan.values()
+                          else None, "symmetric": symmetric, "vision": vision, "modules": plan}
+    return plan
+
+
+def set_fast_path(model: nn.Module, enabled: bool) -> None:
+    """Use the packed CPU kernels for decode (True) or force dequantize + matmul everywhere (False)."""
+    for mod in model.modules():
+        if isinstance(mod, QUANTIZED):
+            mod.fast = enabled
+            if enabled:
+                mod.pack()
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def read_quant_config(raw: dict) -> dict | None:
+    """The validated `quantization` section of a config.json, or None when absent."""
+    q = raw.get("quantization")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("method") != "foveal" or not isinstance(q.get("modules"), dict):
+        raise ConfigError("config.json's quantization section is not one foveal wrote (needs method 'foveal' "
+                          "and a modules map)")
+    for name, mode in q["modules"].items():
+        if mode not in MODES:
+            raise ConfigError(f"config.json's quantization names mode {mode!r} for {name}; use int8 or int4")
+    if "int4" in q["modules"].values():
+        check_group_size(q.get("group_size"))
+    return q
+
+
+def swap_to_quantized(model: nn.Module, qcfg: dict, dtype: torch.dtype) -> None:
+    """Replace the linears named in `qcfg` by empty quantized modules (call on the meta device)."""
+    for name, mode in qcfg["modules"].items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"config.json's quantization names module {name!r}, which this model lacks") from None
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"config.json's quantization names {name!r}, which is not a linear layer")
+        args = (linear.in_features, linear.out_features, linear.bias is not None)
+        device = linear.weight.device
+        if mode == "int4":
+            if linear.in_features % qcfg["group_size"]:
+                raise ConfigError(f"{name}: group size {qcfg['group_size']} does not divide its "
+                                  f"{linear.in_features} inputs")
+            q = Int4Linear(*args, group_size=qcfg["group_size"], dtype=dtype, device=device)
+        else:
+            q = Int8Linear(*args, dtype=dtype, device=device)
+        _set_module(model, name, q)
+    model.quantization = qcfg
+
+
+def checkpoint_state_dict(model: nn.Module, cfg) -> dict[str, torch.Tensor]:
+    """HF-named tensors of a (quantized) model, the quantized LM head included even when tied."""
+    from ..weights.save import hf_state_dict
+    sd = hf_state_dict(model, cfg)
+    head = model.lm_head
+    if isinstance(head, QUANTIZED):
+        prefix = "language_model.lm_head." if cfg.vision is not None else "lm_head."
+        sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "language_model.lm_head."))}
+        sd |= {prefix + k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    return sd
+
+
+COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+
+
+def save_quantized(model: nn.Module, cfg, source: Path, out: Path, raw_config: dict | None = None) -> Path:
+    """Write a quantized model as safetensors + config.json (with `quantization`) + the source's
+    tokenizer / processor / template files, loadable by `foveal.load(out)` alone."""
+    from safetensors.torch import save_file
+
+    from ..weights.save import config_to_hf
+    qcfg = getattr(model, "quantization", None)
+    if not qcfg:
+        raise ConfigError("the model is not quantized: call quantize_model first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = checkpoint_state_dict(model, cfg)
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt", "quantization": json.dumps(qcfg)})
+    hf = config_to_hf(cfg)
+    if raw_config and raw_config.get("image_aspect_ratio"):
+        hf["image_aspect_ratio"] = raw_config["image_aspect_ratio"]
+    floats = [v.dtype for v in sd.values() if v.is_floating_point()]
+    hf["dtype"] = str(floats[0] if floats else torch.float32).replace("torch.", "")
+    hf["quantization"] = qcfg
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    source = Path(source)
+    for f in source.iterdir() if source.is_dir() else ():
+        if f.is_file() and f.suffix in COPIED_SUFFIXES and f.name not in NOT_COPIED and f.resolve() != (out / f.name).resolve():
+            shutil.copyfile(f, out / f.name)
+    return out
