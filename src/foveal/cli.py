@@ -41,8 +41,11 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+    from .engine.sampling import SamplingOptions
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+    SamplingOptions.from_kwargs(**options)      # refuse a bad value before a model takes seconds to load
+    return options
 
 
 def _load(args, model):
@@ -66,13 +69,14 @@ def cmd_run(args) -> int:
         model, prompt = args.words
     else:
         raise FovealError("usage: foveal run [MODEL] [--image FILE ...] PROMPT")
+    sampling = _sampling(args)
     vlm = _load(args, args.model or model)
     content = [{"type": "image", "image": path} for path in args.image or []]
     content.append({"type": "text", "text": prompt})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": content}]
     last = None
-    for chunk in vlm.stream(messages, **_sampling(args)):
+    for chunk in vlm.stream(messages, **sampling):
         print(chunk.text, end="", flush=True)
         last = chunk
     print()
@@ -82,6 +86,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    sampling = _sampling(args)
     vlm = _load(args, args.model)
     history, pending_images = [], []
     interactive = sys.stdin.isatty()
@@ -120,7 +125,7 @@ def cmd_chat(args) -> int:
         turn = history + [{"role": "user", "content": content}]
         reply, last = [], None
         try:
-            for chunk in vlm.stream(turn, **_sampling(args)):
+            for chunk in vlm.stream(turn, **sampling):
                 print(chunk.text, end="", flush=True)
                 reply.append(chunk.text)
                 last = chunk
@@ -206,6 +211,57 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def cmd_serve(args) -> int:
+    import logging
+    import os
+    from pathlib import Path
+    from .server import ServerConfig, serve
+    from .server.config import parse_duration
+    try:
+        keep_alive = parse_duration(args.keep_alive, "--keep-alive")
+    except ValueError as e:
+        raise FovealError(str(e)) from None
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("FOVEAL_API_KEY"),
+                          insecure=args.insecure, allowed_hosts=args.allowed_host or [],
+                          cors_origins=args.cors_origin or [], max_body_bytes=args.max_body_mb * 2**20,
+                          max_queue=args.max_queue, max_images=args.max_images,
+                          image_url_domains=args.allow_image_host or [],
+                          image_root=Path(args.image_root).expanduser() if args.image_root else None,
+                          keep_alive_s=keep_alive)
+    config.check_bind()      # before loading anything: a refused bind should fail fast
+    logging.basicConfig(level=logging.INFO if args.access_log else logging.WARNING, format="%(message)s")
+    serve(args.models, config, dict(device=args.device, dtype=args.dtype, context_length=args.ctx,
+                                    vision_tower=args.vision_tower, image_mode=args.image_mode))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .api import load
+    from .quant import quantize_model, save_quantized
+    from .quant.check import compare, load_samples
+    samples = load_samples(args.check) if args.check else None
+    opts = dict(device=args.device, dtype=args.dtype, context_length=args.ctx, vision_tower=args.vision_tower,
+                mmproj=args.mmproj)
+    vlm = load(args.model, **opts)
+    plan = quantize_model(vlm.model, args.mode, args.group_size, vision=args.vision, symmetric=args.symmetric)
+    out = save_quantized(vlm.model, vlm.config, vlm.path, args.out)
+    modes = sorted(set(plan.values()))
+    print(f"wrote {out}: {len(plan)} linear layers quantized ({', '.join(modes)}), weights "
+          f"{vlm.weight_bytes() / 2**20:.1f} MiB")
+    if samples:
+        quantized = load(out, **{k: v for k, v in opts.items() if k not in ("vision_tower", "mmproj")})
+        del vlm
+        original = load(args.model, **opts)
+        report = compare(original, quantized, samples, max_tokens=args.check_tokens)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.cli import run
+    return run(args, lambda model: _load(args, model))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foveal", description="Run vision-language models on your machine.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -237,6 +293,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="models found in the HF cache, the Ollama store and LM Studio's folders")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
+
+    from .server.config import DEFAULT_HOST, DEFAULT_PORT
+    p = sub.add_parser("serve", help=f"HTTP server speaking the Ollama and OpenAI APIs (port {DEFAULT_PORT})")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model folders (default: the bundled model)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}, next to "
+                                                                  f"Ollama's 11434)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or FOVEAL_API_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an API key")
+    p.add_argument("--allowed-host", action="append", help="extra Host header value to accept ('*': any)")
+    p.add_argument("--cors-origin", action="append", help="allow browser requests from this origin")
+    p.add_argument("--allow-image-host", action="append", help="host from which image URLs may be fetched")
+    p.add_argument("--image-root", default=None, help="folder under which file:// image URLs may be read")
+    p.add_argument("--max-body-mb", type=int, default=64, help="request body limit in MiB (default 64)")
+    p.add_argument("--max-queue", type=int, default=16, help="queued requests per model before 503 (default 16)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    p.add_argument("--keep-alive", default="-1", help="idle time before a model unloads, e.g. 5m (default -1: "
+                                                     "never, since the models were named at start-up)")
+    p.add_argument("--access-log", action="store_true", help="log one JSON line per request")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="write an int8 / int4 weight-only quantized checkpoint")
+    p.add_argument("model")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64, 128 or 256 (default 64)")
+    p.add_argument("--symmetric", action="store_true", help="int4: symmetric groups (no zero points)")
+    p.add_argument("--vision", choices=("int8", "int4"), default=None,
+                   help="also quantize the vision tower and projector (default: keep them in float)")
+    p.add_argument("--check", default=None, metavar="IMAGES_OR_EVAL_FILE",
+                   help="compare with the original: images (file, folder, a,b,c) or a JSON/JSONL eval file")
+    p.add_argument("--check-tokens", type=int, default=24, help="answer length for --check (default 24)")
+    p.add_argument("--json", action="store_true", help="print the --check report as JSON")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_quantize)
+
+    from .eval.cli import add_arguments as add_eval_arguments
+    p = sub.add_parser("eval", help="score a model or an OpenAI/Ollama endpoint on VQAv2, TextVQA, POPE, "
+                                    "MMBench or LLaVA files")
+    add_eval_arguments(p)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
