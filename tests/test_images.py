@@ -394,3 +394,9 @@ def test_custom_pixel_limit_applies_to_pil_images_too():
     with pytest.raises(ImageError, match="64x64 = 4096 pixels, over the limit of 1000"):
         load_image(photo(64, 64), ImageLimits(max_pixels=1000))
     assert load_image(photo(8, 8), ImageLimits(min_side=8)).width == 8
+
+
+@pytest.mark.parametrize("data", [b"\xab", b"\xab\xcd", b"\x00\x00\x01", b"BM", b"\x89PNG"])
+def test_very_short_data_is_an_image_error(data):
+    with pytest.raises(ImageError):
+        load_image(data)

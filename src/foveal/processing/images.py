@@ -183,7 +183,10 @@ def _open_header(data: bytes, formats: tuple[str, ...], origin: str) -> Image.Im
     prefix = data[:16]
     for name in [f for f in Image.ID if f in formats]:
         factory, accept = Image.OPEN[name]
-        verdict = accept(prefix) if accept else True
+        try:
+            verdict = accept(prefix) if accept else True
+        except Exception:  # noqa: BLE001 - some plugins' checks fail on very short data (struct.error)
+            verdict = False
         if isinstance(verdict, str) or not verdict:  # a str is Pillow's "mine, but unsupported"
             continue
         try:
