@@ -204,6 +204,17 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .weights.gguf import read_hf_folder, write_gguf
+    from .weights.resolve import resolve
+    found = resolve(args.model)
+    if found.kind != "hf":
+        raise FovealError(f"{args.model} is already a GGUF model; export takes a Hugging Face-format folder")
+    model, mmproj = write_gguf(read_hf_folder(found.path), args.gguf, type=args.type)
+    print(f"wrote {model}" + (f" and {mmproj}" if mmproj else ""))
+    return 0
+
+
 def _human(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -290,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("export", help="write a model as GGUF (text model + mmproj) for llama.cpp / Ollama")
+    p.add_argument("model")
+    p.add_argument("--gguf", required=True, metavar="OUT_DIR", help="folder to write the .gguf files into")
+    p.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0", "q4_0"))
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("ls", help="models found in the HF cache, the Ollama store and LM Studio's folders")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
@@ -336,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_eval)
+
+    from .train.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 
