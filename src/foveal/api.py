@@ -13,7 +13,9 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import logging
 import time
+from contextlib import contextmanager
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from .models.vlm import VisionLanguageModel
 from .processing.images import ImageLimits, ImageProcessorConfig, load_image, preprocess_batch
 from .processing.prompt import IMAGE_PLACEHOLDER, PromptBuilder, Tokenizer, find_chat_template, normalize_messages
 from .weights.safetensors import load_into, open_checkpoint
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -54,12 +58,31 @@ def resolve_dtype(dtype, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> str:
-    dev = torch.device(device) if device else torch.device("cpu")
+    try:
+        dev = torch.device(device) if device else torch.device("cpu")
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not supported; use cpu or cuda") from None
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available")
     return str(dev)
+
+
+@contextmanager
+def no_init_weights():
+    """Skip nn.init while building on the meta device: the values are overwritten by the checkpoint,
+    and random init of meta tensors costs about a second (it imports sympy) for nothing."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "zeros_", "ones_",
+             "constant_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 class VLM:
@@ -280,12 +303,14 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
         C.attach_vision(cfg, C.load_config_file(tower / "config.json"))
         sources.update({k: v for k, v in open_checkpoint(tower).items() if k.startswith("vision_tower.")})
     from . import quant as Q
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():
         model = VisionLanguageModel(cfg)
         saved_quant, want_quant = Q.before_load(model, ck.raw_config, dtype, quant)
     tied = cfg.text.tie_word_embeddings and not Q.head_is_quantized(model)
     optional = {"lm_head.weight"} if tied else set()
-    load_into(model, sources, dtype, device, optional=optional)
+    unused = load_into(model, sources, dtype, device, optional=optional)
+    if unused:
+        log.info("%s: %d checkpoint tensor(s) not used by this model (e.g. %s)", ck.path, len(unused), unused[0])
     if tied or not cfg.text.tie_word_embeddings:
         model.tie_weights()
     Q.after_load(model, saved_quant, want_quant)
@@ -315,8 +340,10 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     gen_eos = ck.generation_config.get("eos_token_id")
     eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
     engine = Engine(model, tokenizer, eos, ctx, device, dtype)
-    return VLM(model, cfg, tokenizer, prompt, image_config, engine, ck.path, dtype, device,
-               image_limits or ImageLimits(), time.perf_counter() - t0)
+    vlm = VLM(model, cfg, tokenizer, prompt, image_config, engine, ck.path, dtype, device,
+              image_limits or ImageLimits(), time.perf_counter() - t0)
+    vlm.unused_tensors = unused
+    return vlm
 
 
 __all__ = ["load", "VLM", "Chunk", "GenerationResult", "Stats", "FovealError", "PromptError"]

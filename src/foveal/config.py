@@ -213,7 +213,7 @@ def text_config_from_hf(d: dict) -> TextConfig:
     head_dim = d.get("head_dim") or hidden // heads
     if heads % kv_heads:
         raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    eos = get("eos_token_id")
+    eos = d["eos_token_id"] if "eos_token_id" in d else defaults["eos_token_id"]
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     if get("hidden_act") != "silu":
         raise UnsupportedModelError(f"language model hidden_act {get('hidden_act')!r} is not supported (only silu)")
@@ -224,7 +224,9 @@ def text_config_from_hf(d: dict) -> TextConfig:
         hidden_act="silu", max_position_embeddings=get("max_position_embeddings"),
         rms_norm_eps=get("rms_norm_eps"), tie_word_embeddings=bool(get("tie_word_embeddings")),
         attention_bias=bool(get("attention_bias")), mlp_bias=bool(get("mlp_bias")),
-        rope=rope_config_from_hf(d), bos_token_id=get("bos_token_id"), eos_token_id=eos,
+        rope=rope_config_from_hf(d), eos_token_id=eos,
+        # an explicit null means "none" (HF keeps it), not "the class default"
+        bos_token_id=d["bos_token_id"] if "bos_token_id" in d else defaults["bos_token_id"],
         pad_token_id=d.get("pad_token_id"),
         sliding_window=d.get("sliding_window", defaults.get("sliding_window")),
     )
