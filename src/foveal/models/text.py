@@ -100,7 +100,8 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)                               # (B, KV, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        # mask None = plain causal over the T new tokens (training: no cache, right padding)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -173,14 +174,16 @@ class TextModel(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """embeds (B, T, D) at absolute positions input_pos (T,) -> final hidden states (B, T, D)."""
-        T = embeds.shape[1]
+        """embeds (B, T, D) at absolute positions input_pos (T,) -> final hidden states (B, T, D).
+
+        Without a cache, every row is causal over its own T tokens: right-padded batches need no
+        extra mask, since real tokens never attend to the padding after them."""
         cos, sin = self.rope(input_pos, embeds.dtype)
         if self.layers[0].self_attn.kv_cache is not None:
             slots = torch.arange(self.max_cache_len, device=embeds.device)
             mask = slots[None, :] <= input_pos[:, None]                    # (T, S) causal over the cache
-        else:
-            mask = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+        else:       # no cache (training): causal; SDPA's is_causal takes its fused path
+            mask = None
         x = embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

@@ -39,15 +39,22 @@ class VisionLanguageModel(nn.Module):
         if self.cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (N, 3, H, W) -> image embeddings (N, tokens_per_image, D_text)."""
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, H, W) -> selected vision features (N, tokens_per_image, D_vision), before the
+        projector (training with a frozen tower computes these without gradients)."""
         if not self.has_vision:
             raise PromptError("this model has no vision tower: it cannot take images")
         states = self.vision_tower(pixels)
         if self.cfg.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]                     # drop position 0 (CLS on CLIP)
-        features = torch.cat(states, dim=-1) if len(states) > 1 else states[0]
+        return torch.cat(states, dim=-1) if len(states) > 1 else states[0]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, H, W) -> image embeddings (N, tokens_per_image, D_text)."""
+        return self.project(self.image_features(pixels))
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:

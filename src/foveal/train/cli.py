@@ -1,0 +1,153 @@
+"""`foveal train align | instruct | merge | lm`: argument parsing for the training stages.
+
+Option names follow LLaVA's training scripts where they exist (--image-folder, --lora-r,
+--lora-alpha, --gradient-checkpointing), with per-part learning rates (--lr-projector, --lr-lm,
+--lr-lora, --lr-vision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import FovealError
+
+
+def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("model", help="base model (HF folder or any foveal model reference)")
+    p.add_argument("data", help="LLaVA-format conversation JSON (or JSONL)")
+    p.add_argument("-o", "--output", required=True, help="output folder (model or adapter, loss.png, checkpoints/)")
+    p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to "
+                                                        "(default: the JSON's folder)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per process and micro-step (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--lr-projector", type=float, default=None,
+                   help="projector learning rate (default 1e-3 for align, 2e-5 for instruct)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast (fp32 master weights) or fp32; auto: bf16 where the CPU/GPU has it")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute LM layers in backward "
+                                                                         "(less memory, ~30%% slower)")
+    p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at a stop)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in OUTPUT/checkpoints (or the one given)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run with a "
+                                                                 "checkpoint (continue later with --resume)")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the written model (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.set_defaults(func=cmd_train, stage=stage)
+
+
+def add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train a VLM: align (stage 1), instruct (stage 2), merge a LoRA adapter")
+    tsub = train.add_subparsers(dest="train_command", required=True)
+
+    p = tsub.add_parser("align", help="stage 1: train the projector on image-caption conversations "
+                                      "(vision tower and LM frozen)")
+    _add_common(p, "align")
+
+    p = tsub.add_parser("instruct", help="stage 2: train projector + LM (or LoRA on the LM) on conversations")
+    _add_common(p, "instruct")
+    p.add_argument("--lr-lm", type=float, default=None, help="language-model learning rate (default 2e-5)")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters on the LM instead of full fine-tuning")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="q_proj,v_proj",
+                   help="LM linears to adapt, comma-separated, or all-linear (default q_proj,v_proj)")
+    p.add_argument("--lr-lora", type=float, default=None, help="LoRA learning rate (default 2e-4)")
+    p.add_argument("--merge", action="store_true", help="with --lora: also write the merged model to OUTPUT/merged")
+    p.add_argument("--freeze-projector", action="store_true", help="keep the projector fixed")
+    p.add_argument("--train-vision", action="store_true", help="also train the vision tower (--lr-vision)")
+    p.add_argument("--lr-vision", type=float, default=2e-6)
+
+    p = tsub.add_parser("lm", help="train a BPE tokenizer and pretrain a small decoder LM on a text corpus")
+    p.add_argument("corpus", help="text file, one document per line (e.g. `python -m foveal.data OUT "
+                                  "--formats corpus`)")
+    p.add_argument("-o", "--output", required=True, help="output folder (HF LlamaForCausalLM checkpoint)")
+    p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--intermediate-size", type=int, default=384)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_lm)
+
+    p = tsub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into its base model")
+    p.add_argument("base", help="base model")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output folder for the merged HF checkpoint")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.set_defaults(func=cmd_merge)
+
+
+def config_from_args(args):
+    from .lora import parse_targets
+    from .trainer import TrainConfig
+    extra = {}
+    if args.stage == "instruct":
+        extra = dict(lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     lora_targets=parse_targets(args.lora_targets), lr_lm=args.lr_lm, lr_lora=args.lr_lora,
+                     merge=args.merge, freeze_projector=args.freeze_projector, train_vision=args.train_vision,
+                     lr_vision=args.lr_vision)
+        if args.merge and not args.lora:
+            raise FovealError("--merge only applies with --lora (a full fine-tune already writes a whole model)")
+    return TrainConfig(stage=args.stage, model=args.model, data=args.data, output_dir=args.output,
+                       image_folder=args.image_folder, epochs=args.epochs, max_steps=args.max_steps,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr_projector=args.lr_projector,
+                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                       max_grad_norm=args.max_grad_norm, precision=args.precision,
+                       gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
+                       seed=args.seed, device=args.device, save_every=args.save_every,
+                       keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
+                       save_dtype=args.save_dtype, progress=not args.no_progress, **extra)
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+    result = train(config_from_args(args))
+    if args.json and result.is_main:
+        print(json.dumps({"output": str(result.output_dir), "finished": result.finished,
+                          "steps": len(result.steps), "final_loss": result.losses[-1] if result.losses else None,
+                          "examples_per_s": round(result.examples_per_s, 2),
+                          "steps_per_s": round(result.steps_per_s, 3),
+                          "model": str(result.model_dir) if result.model_dir else None,
+                          "adapter": str(result.adapter_dir) if result.adapter_dir else None}))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .lora import merge_adapter
+    out = merge_adapter(args.base, args.adapter, args.out, args.save_dtype)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_lm(args) -> int:
+    from .lm import LMConfig, train_lm
+    train_lm(LMConfig(corpus=args.corpus, output_dir=args.output, tokenizer=args.tokenizer,
+                      vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                      intermediate_size=args.intermediate_size, num_layers=args.layers, num_heads=args.heads,
+                      num_kv_heads=args.kv_heads, seq_len=args.seq_len, batch_size=args.batch_size,
+                      epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, precision=args.precision,
+                      seed=args.seed, progress=not args.no_progress))
+    return 0

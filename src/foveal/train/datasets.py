@@ -1,0 +1,244 @@
+"""LLaVA conversation JSON -> tokenized training examples -> right-padded batches.
+
+Mirrors LLaVA's `LazySupervisedDataset` / `preprocess_v1` (llava/train/train.py): one record
+is `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from":
+"gpt", "value": ...}]}` with the image path relative to `--image-folder`.
+
+Design decisions:
+- A record becomes chat messages and is rendered by the model's own chat template, the same
+  path inference takes, so training and serving see one prompt format. The `<image>` marker is
+  moved in front of its turn's text, as LLaVA's `preprocess_multimodal` does.
+- Labels are the input ids where the template's `{% generation %}` blocks put assistant text
+  (templates without them: what each assistant turn adds to the rendered prefix), -100 elsewhere (system, user, image positions, padding). An EOS token that the template
+  writes right after an assistant block is labelled too (that is how the model learns to stop);
+  a template that writes none gets one appended after the final answer.
+- Everything that can be checked before training is checked when the file is read (JSON shape,
+  roles, `<image>` count against the images, image files present, length): a bad record fails
+  at once with its id, not hours into a run. Pixels are decoded per batch.
+- Batches are right-padded: with a causal mask, real tokens never see padding and every row's
+  positions are 0..T-1, so no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FovealError, ImageError, PromptError
+from ..processing.images import ImageLimits, load_image, preprocess_batch
+from ..processing.prompt import IMAGE_PLACEHOLDER, normalize_messages
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DatasetError(FovealError, ValueError):
+    """A training data file or one of its records is malformed; the message names the record."""
+
+
+@dataclass
+class Record:
+    id: str
+    images: list[Path]
+    messages: list[dict]          # chat messages with typed content parts (images as paths)
+
+
+@dataclass
+class TrainExample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    image_mask: list[bool]
+    images: list[Path]
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def read_records(path: Path, image_folder: Path | None = None, check_files: bool = True) -> list[Record]:
+    """Read and validate a LLaVA-format JSON (a list) or JSONL file."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"training data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, list):
+        raise DatasetError(f"{path} must hold a JSON list of records, found {type(raw).__name__}")
+    if not raw:
+        raise DatasetError(f"{path} holds no records")
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    return [parse_record(r, i, folder, check_files) for i, r in enumerate(raw)]
+
+
+def parse_record(r, index: int, image_folder: Path, check_files: bool = True) -> Record:
+    if not isinstance(r, dict):
+        raise DatasetError(f"record #{index} is a {type(r).__name__}, expected an object with 'conversations'")
+    rid = str(r.get("id", f"#{index}"))
+    where = f"record {rid!r} (#{index})"
+    convs = r.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise DatasetError(f"{where} has no 'conversations' list")
+    image = r.get("image")
+    names = [] if image in (None, "") else [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise DatasetError(f"{where}: 'image' must be a path or a list of paths, got {image!r}")
+    images = [image_folder / n for n in names]
+    if check_files:
+        for p in images:
+            if not p.is_file():
+                raise DatasetError(f"{where}: image file {p} does not exist (image paths are read relative "
+                                   f"to --image-folder, here {image_folder})")
+    messages, n_markers, has_answer = [], 0, False
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DatasetError(f"{where}, turn {j}: expected {{'from': ..., 'value': string}}, got {turn!r:.80}")
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise DatasetError(f"{where}, turn {j}: unknown speaker {turn.get('from')!r} "
+                               f"(expected human, gpt or system)")
+        value = turn["value"]
+        k = value.count(IMAGE_PLACEHOLDER)
+        if k and role != "user":
+            raise DatasetError(f"{where}, turn {j}: {IMAGE_PLACEHOLDER} may only appear in a human turn")
+        n_markers += k
+        parts = [{"type": "image", "image": None} for _ in range(k)]
+        text = value.replace(IMAGE_PLACEHOLDER, "").strip() if k else value
+        parts.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": parts})
+        has_answer |= role == "assistant"
+    if n_markers != len(images):
+        if images and not n_markers:
+            raise DatasetError(f"{where} has an image ({names[0]}) but no {IMAGE_PLACEHOLDER} marker in its "
+                               f"conversation; put '{IMAGE_PLACEHOLDER}\\n' at the start of the first human turn")
+        raise DatasetError(f"{where} has {n_markers} {IMAGE_PLACEHOLDER} marker(s) but {len(images)} image(s)")
+    if not has_answer:
+        raise DatasetError(f"{where} has no gpt turn: nothing to learn from")
+    it = iter(images)
+    for m in messages:
+        for part in m["content"]:
+            if part["type"] == "image":
+                part["image"] = next(it)
+    return Record(rid, images, messages)
+
+
+class _PrefixSpans:
+    """A PromptBuilder view for templates without `{% generation %}` (most Qwen / ChatML ones):
+    an assistant turn is what rendering messages[:i+1] adds to messages[:i] + generation
+    prompt, as TRL finds it. Its closing tokens (`<|im_end|>`) fall in the span and are learnt."""
+
+    def __init__(self, prompt):
+        self.prompt = prompt
+
+    def render(self, messages, add_generation_prompt=True):
+        from ..processing.prompt import RenderedChat
+        full = self.prompt.render(messages, add_generation_prompt)
+        if full.generation_spans:
+            return full
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.prompt.render(messages[:i], True).text if i else ""
+            upto = self.prompt.render(messages[:i + 1], False).text
+            if upto.startswith(before) and full.text.startswith(upto):
+                spans.append((len(before), len(upto)))
+        return RenderedChat(full.text, spans)
+
+
+def tokenize(record: Record, prompt, eos_id: int | None, max_length: int | None = None) -> TrainExample:
+    """One record -> ids, labels (assistant tokens + their EOS), image mask."""
+    template_messages, sources = normalize_messages(record.messages, prompt.template)
+    if not re.search(r"{%-?\s*generation\s*-?%}", prompt.template):
+        import copy
+        view = copy.copy(prompt)
+        view.render = _PrefixSpans(prompt).render
+        prompt = view
+    try:
+        built = prompt.build(template_messages, n_images=len(sources), add_generation_prompt=False,
+                             track_assistant=True)
+    except PromptError as e:
+        raise DatasetError(f"record {record.id!r}: {e}") from None
+    ids, image_mask = list(built.input_ids), list(built.image_mask)
+    assistant = list(built.assistant_mask or [False] * len(ids))
+    if not any(assistant):
+        raise DatasetError(f"record {record.id!r}: the chat template marks no assistant tokens (it needs "
+                           f"{{% generation %}} blocks around assistant text to train on)")
+    labels = [t if a else IGNORE_INDEX for t, a in zip(ids, assistant)]
+    if eos_id is not None:
+        for i in range(1, len(ids)):
+            if assistant[i - 1] and not assistant[i] and ids[i] == eos_id:
+                labels[i] = eos_id
+        start = len(assistant)
+        while start and assistant[start - 1]:
+            start -= 1
+        if assistant[-1] and eos_id not in ids[start:]:   # the last answer ends without an EOS: add one
+            ids.append(eos_id)
+            labels.append(eos_id)
+            image_mask.append(False)
+    if max_length is not None and len(ids) > max_length:
+        last_image = max((i for i, m in enumerate(image_mask) if m), default=-1)
+        if last_image >= max_length:
+            raise DatasetError(f"record {record.id!r} is {len(ids)} tokens long and its image tokens end at "
+                               f"{last_image + 1}, past --max-length {max_length}; raise --max-length or shorten it")
+        ids, labels, image_mask = ids[:max_length], labels[:max_length], image_mask[:max_length]
+    return TrainExample(record.id, ids, labels, image_mask, record.images)
+
+
+class ConversationDataset:
+    """Tokenized examples of one LLaVA file; pixels are loaded per batch by `collate`."""
+
+    def __init__(self, examples: list[TrainExample], image_config=None, image_limits: ImageLimits | None = None):
+        self.examples = examples
+        self.image_config = image_config
+        self.image_limits = image_limits or ImageLimits()
+
+    @classmethod
+    def from_file(cls, path, vlm, image_folder=None, max_length: int | None = None) -> ConversationDataset:
+        records = read_records(Path(path), Path(image_folder) if image_folder else None)
+        if not vlm.model.has_vision and any(r.images for r in records):
+            first = next(r for r in records if r.images)
+            raise DatasetError(f"record {first.id!r} has an image but the model has no vision tower")
+        eos = sorted(vlm.tokenizer.eos_ids() or set(vlm.config.text.eos_token_id))
+        max_length = max_length or vlm.config.text.max_position_embeddings
+        examples = [tokenize(r, vlm.prompt, eos[0] if eos else None, max_length) for r in records]
+        useless = [e.id for e in examples if e.n_label_tokens == 0]
+        if useless:
+            raise DatasetError(f"record {useless[0]!r} has no answer tokens left after truncation to "
+                               f"--max-length {max_length}")
+        return cls(examples, vlm.image_config, vlm.image_limits)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def collate(self, indices: list[int], pad_id: int = 0) -> dict:
+        """Examples -> right-padded tensors: input_ids, labels, image_mask (B, T), pixels (N, 3, H, W)."""
+        batch = [self.examples[i] for i in indices]
+        T = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.bool)
+        images = []
+        for row, e in enumerate(batch):
+            n = len(e.input_ids)
+            ids[row, :n] = torch.tensor(e.input_ids).clamp_min(0)     # IMAGE_SLOT (-1) -> 0: overwritten
+            labels[row, :n] = torch.tensor(e.labels)
+            mask[row, :n] = torch.tensor(e.image_mask)
+            for p in e.images:
+                try:
+                    images.append(load_image(p, self.image_limits).image)
+                except (ImageError, OSError) as err:
+                    raise DatasetError(f"record {e.id!r}: image {p} cannot be used: {err}") from None
+        pixels = preprocess_batch(images, self.image_config) if images else None
+        return {"input_ids": ids, "labels": labels, "image_mask": mask, "pixels": pixels,
+                "ids": [e.id for e in batch]}
