@@ -7,7 +7,11 @@ Design decisions (after gpt-fast):
 - The KV cache is a preallocated buffer per layer, written at `input_pos`; every decode step
   has the same shapes, no `torch.cat`, no per-token allocation growing with length.
 - `forward(embeds, input_pos)` is pure given the cache: positions come from `input_pos`
-  (absolute positions of the new tokens), the mask from comparing them with cache slots.
+  (absolute positions of the new tokens). Attention reads only the cache slots written so far
+  (a view, no copy): a decode step needs no mask, a fresh prefill uses SDPA's causal path, and
+  only a prefill after a reused prefix builds a (T, kv_len) mask. This trades shape stability
+  (torch.compile / CUDA graphs would want the full cache and a mask) for work proportional to
+  the real length, which is what eager CPU decode needs.
 - RoPE inverse frequencies are computed once (default / linear / llama3) or per call from the
   largest position (dynamic NTK, as transformers' `dynamic_rope_update` does).
 - GQA through SDPA's `enable_gqa`, so K/V are never repeated in memory.
@@ -17,6 +21,7 @@ Design decisions (after gpt-fast):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +51,14 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position: int, seq_len: i
         is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
     return inv_freq
+
+
+class AttnSpec(NamedTuple):
+    """How one forward attends: over cache slots [0, kv_len) (None: no cache, just the new tokens),
+    with a boolean mask (T, kv_len), or causally (is_causal), or to everything (neither)."""
+    mask: torch.Tensor | None
+    is_causal: bool
+    kv_len: int | None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +104,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, attn: AttnSpec, input_pos):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, KV, T, hd)
@@ -100,8 +113,8 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)                               # (B, KV, S, hd)
-        # mask None = plain causal over the T new tokens (training: no cache, right padding)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            k, v = k[:, :, :attn.kv_len], v[:, :, :attn.kv_len]   # only the slots written so far
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
                                            enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -126,8 +139,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, attn: AttnSpec, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -174,20 +187,28 @@ class TextModel(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """embeds (B, T, D) at absolute positions input_pos (T,) -> final hidden states (B, T, D).
+        """embeds (B, T, D) at contiguous absolute positions input_pos (T,) -> hidden states (B, T, D).
 
         Without a cache, every row is causal over its own T tokens: right-padded batches need no
         extra mask, since real tokens never attend to the padding after them."""
         cos, sin = self.rope(input_pos, embeds.dtype)
-        if self.layers[0].self_attn.kv_cache is not None:
-            slots = torch.arange(self.max_cache_len, device=embeds.device)
-            mask = slots[None, :] <= input_pos[:, None]                    # (T, S) causal over the cache
-        else:       # no cache (training): causal; SDPA's is_causal takes its fused path
-            mask = None
+        T = embeds.shape[1]
+        if self.layers[0].self_attn.kv_cache is None:
+            attn = AttnSpec(None, T > 1, None)      # training: causal, SDPA's fused path
+        else:
+            # input_pos is contiguous: the new tokens end at kv_len, and attend to slots before them
+            kv_len = int(input_pos[-1]) + 1
+            if T == 1:
+                attn = AttnSpec(None, False, kv_len)                # decode: every written slot
+            elif kv_len == T:
+                attn = AttnSpec(None, True, kv_len)                 # fresh prefill: plain causal
+            else:                                                    # prefill after a reused prefix
+                slots = torch.arange(kv_len, device=embeds.device)
+                attn = AttnSpec(slots[None, :] <= input_pos[:, None], False, kv_len)   # (T, kv_len)
         x = embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, input_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(x, cos, sin, attn, input_pos)
         return self.norm(x)
