@@ -10,7 +10,10 @@ PY=${PYTHON:-python3}
 TORCH_VERSION=${FOVEAL_TORCH_VERSION:-2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
-pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+# (pip's notes about local index folders that lack a package are noise: drop them)
+pip_install() {
+    "$VPY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
 if ! "$VPY" -c "import torch" 2>/dev/null; then
     pip_install "torch==${TORCH_VERSION}"
 fi
