@@ -496,3 +496,24 @@ def test_peak_rss_while_loading(dtype, tmp_path_factory):
     # normal_() of a meta tensor; FOVEAL_TEST_WARM_META=1 pays it before the baseline to tell them apart)
     assert load_ratio <= 1.3, f"peak RSS while loading is {load_ratio:.2f}x the weights"
     assert touched_ratio <= 1.3, f"peak RSS after reading every weight is {touched_ratio:.2f}x the weights"
+
+
+def test_original_layout_linear_projector(original, tmp_path):
+    """LLaVA v1's single-Linear projector (`mm_projector_type: linear`, `model.mm_projector.weight`)."""
+    folder, tower, _ = original
+    linear = tmp_path / "llava-linear"
+    shutil.copytree(folder, linear)
+    cfg = json.loads((linear / "config.json").read_text()) | {"mm_projector_type": "linear"}
+    (linear / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(linear / "model.safetensors")
+    sd = {k: v for k, v in sd.items() if not k.startswith("model.mm_projector.")}
+    torch.manual_seed(3)
+    w, b = torch.randn(cfg["hidden_size"], cfg["mm_hidden_size"]), torch.randn(cfg["hidden_size"])
+    sd |= {"model.mm_projector.weight": w, "model.mm_projector.bias": b}
+    save_file(sd, linear / "model.safetensors", metadata={"format": "pt"})
+    vlm = load_f32(linear, vision_tower=tower)
+    assert vlm.config.projector.kind == "linear"
+    x = pixels()
+    with torch.inference_mode():
+        features = vlm.model.image_features(x)
+        assert torch.allclose(vlm.model.encode_images(x), torch.nn.functional.linear(features, w, b))
