@@ -248,6 +248,72 @@ def test_openai_file_url_under_root(http, image_root):
     assert r.json()["timings"]["images"] == 1
 
 
+# ---- JSON-constrained output (format / response_format) --------------------------------
+PERSON_SCHEMA = {"type": "object", "additionalProperties": False,
+                 "required": ["name", "age", "colour", "tags"],
+                 "properties": {"name": {"type": "string", "maxLength": 10},
+                                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                "colour": {"enum": ["red", "green", "blue"]},
+                                "tags": {"type": "array", "items": {"type": "string", "maxLength": 4},
+                                         "maxItems": 3}}}
+
+
+def test_ollama_client_format_schema_and_json(server, image_root):
+    jsonschema = pytest.importorskip("jsonschema")
+    client = ollama.Client(host=server.url)
+    img = (image_root / "red.png").read_bytes()
+    for seed in range(3):
+        r = client.chat(model=MODEL, messages=[{"role": "user", "content": "Who?", "images": [img]}],
+                        format=PERSON_SCHEMA, options={"temperature": 1.0, "seed": seed, "num_predict": 500})
+        assert r.done_reason == "stop", r.message.content[:200]
+        jsonschema.validate(json.loads(r.message.content), PERSON_SCHEMA)
+    parts = list(client.generate(model=MODEL, prompt="JSON please", format="json", stream=True,
+                                 options={"temperature": 0.7, "seed": 1, "num_predict": 2000}))
+    assert parts[-1].done and parts[-1].done_reason == "stop"
+    assert isinstance(json.loads("".join(p.response for p in parts)), dict)
+    cut = client.generate(model=MODEL, prompt="JSON please", format=PERSON_SCHEMA, options={"num_predict": 4})
+    assert cut.done_reason == "length" and cut.eval_count == 4     # incomplete JSON, as Ollama does
+
+
+def test_openai_client_response_format(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "Who?"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, seed=seed,
+                                           max_tokens=500)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON_SCHEMA)
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, seed=7,
+                                            max_tokens=500, stream=True)
+    chunks = list(stream)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), PERSON_SCHEMA)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, response_format={"type": "json_object"},
+                                       seed=2, temperature=0.5, max_tokens=2000)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    cut = client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=3)
+    assert cut.choices[0].finish_reason == "length"
+
+
+def test_openai_client_parse_with_pydantic_model(server):
+    """The client's structured-output helper sends a strict schema made from a pydantic model."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Shape(BaseModel):
+        kind: Literal["circle", "square"]
+        sides: int = Field(ge=0, le=8)
+        filled: bool
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Shape?"}],
+                                      response_format=Shape, seed=0, max_tokens=300)
+    shape = r.choices[0].message.parsed
+    assert isinstance(shape, Shape) and shape.kind in ("circle", "square") and 0 <= shape.sides <= 8
+
+
 # ---- concurrency, queue, disconnects ---------------------------------------------------
 def test_concurrent_clients_match_sequential(server):
     prompts = [f"Question number {i}: what colour?" for i in range(6)]

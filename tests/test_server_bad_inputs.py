@@ -53,11 +53,17 @@ def ollama_cases(image_root):
         cases.append((f"{path} keep_alive bool", "POST", path, {"json": {"model": MODEL, "prompt": "hi",
                                                                          "messages": [], "keep_alive": True}}, 400,
                       "keep_alive"))
-        cases.append((f"{path} format json", "POST", path, {"json": {"model": MODEL, "prompt": "hi", "messages": [],
-                                                                     "format": "json"}}, 400, "not supported"))
-        cases.append((f"{path} format schema", "POST", path, {"json": {"model": MODEL, "prompt": "hi", "messages": [],
-                                                                       "format": {"type": "object"}}}, 400,
-                      "not supported"))
+        hi = [{"role": "user", "content": "hi"}]
+        cases.append((f"{path} format yaml", "POST", path, {"json": {"model": MODEL, "prompt": "hi", "messages": hi,
+                                                                     "format": "yaml"}}, 400, "format"))
+        cases.append((f"{path} format int", "POST", path, {"json": {"model": MODEL, "prompt": "hi", "messages": hi,
+                                                                    "format": 5}}, 400, "format"))
+        cases.append((f"{path} format bad schema", "POST", path,
+                      {"json": {"model": MODEL, "prompt": "hi", "messages": hi, "format": {"type": "foo"}}}, 400,
+                      "invalid type: foo"))
+        cases.append((f"{path} format unsatisfiable", "POST", path,
+                      {"json": {"model": MODEL, "prompt": "hi", "messages": hi,
+                                "format": {"type": "integer", "minimum": 5, "maximum": 2}}}, 400, "unsatisfiable"))
         cases.append((f"{path} GET", "GET", path, {}, 405, "not allowed"))
 
     # images: bad base64, wrong kinds of data, limits
@@ -154,9 +160,13 @@ def openai_cases(image_root):
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"), ({"stop": [1]}, 400, "stop"),
         ({"n": 2}, 400, "n must be 1"), ({"n": "2"}, 400, "n"), ({"logprobs": True}, 400, "logprobs"),
         ({"stream": "yes"}, 400, "stream"), ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
-        ({"response_format": {"type": "json_object"}}, 400, "not supported"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, 400,
-         "not supported"),
+        ({"response_format": {"type": "json_schema"}}, 400, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}}, 400,
+         "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, 400,
+         "invalid type: foo"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}, 400,
+         "unimplemented"),
         ({"response_format": {"type": "yaml"}}, 400, "response_format"), ({"response_format": "json"}, 400,
                                                                            "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),

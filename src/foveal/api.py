@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import config as C
+from .engine.constrain import json_constraint
 from .engine.generate import Chunk, Engine, GenerationResult, Stats
 from .engine.sampling import SamplingOptions
 from .errors import ConfigError, FovealError, ModelNotFoundError, PromptError
@@ -160,18 +161,22 @@ class VLM:
             stats.encode_s = time.perf_counter() - t1
         return inputs, embeds, [im.sha256 for im in loaded]
 
-    def stream(self, messages, *, cancel=None, **options):
-        """Yield `Chunk`s of text as soon as they decode; the last has done=True and stats."""
+    def stream(self, messages, *, cancel=None, format=None, **options):
+        """Yield `Chunk`s of text as soon as they decode; the last has done=True and stats.
+        format: "json" (one JSON object) or a JSON schema dict, enforced by constrained decoding; with
+        finish_reason "length" the text may be incomplete JSON."""
         opts = SamplingOptions.from_kwargs(**options)
+        constraint = json_constraint(format, self.tokenizer, self.config.text.vocab_size, self.engine.eos_ids)
         stats = Stats()
         t0 = time.perf_counter()
         inputs, embeds, keys = self._prepare(messages, stats)
         stats.total_s = time.perf_counter() - t0
-        yield from self.engine.stream(inputs.input_ids, inputs.image_mask, embeds, keys, opts, stats, cancel)
+        yield from self.engine.stream(inputs.input_ids, inputs.image_mask, embeds, keys, opts, stats, cancel,
+                                      constraint)
 
-    def generate(self, messages, **options) -> GenerationResult:
+    def generate(self, messages, *, format=None, **options) -> GenerationResult:
         text, ids, last = [], [], None
-        for chunk in self.stream(messages, **options):
+        for chunk in self.stream(messages, format=format, **options):
             text.append(chunk.text)
             ids += chunk.token_ids
             last = chunk

@@ -46,3 +46,14 @@ class ContextLengthError(PromptError):
 
 class SamplingError(FovealError, ValueError):
     """A generation option is unknown or out of range."""
+
+
+class MemoryBudgetError(FovealError):
+    """A model or a request needs more memory than the device has (or than the budget allows)."""
+
+    def __init__(self, needed: int, available: int, what: str = "the request"):
+        self.needed, self.available = needed, available
+        super().__init__(
+            f"{what} needs {needed / 2**20:.0f} MiB more memory but only {available / 2**20:.0f} MiB are "
+            f"available; use a shorter prompt or max_tokens, fewer images, a quantized model or a larger device"
+        )

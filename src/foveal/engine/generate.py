@@ -111,8 +111,10 @@ class Engine:
 
     @torch.inference_mode()
     def stream(self, input_ids: list[int], image_mask: list[bool], image_embeds: torch.Tensor | None,
-               image_keys: list, opts: SamplingOptions, stats: Stats, cancel: threading.Event | None = None):
-        """Yield Chunks for one prompt. image_keys: one hashable key per image, in prompt order."""
+               image_keys: list, opts: SamplingOptions, stats: Stats, cancel: threading.Event | None = None,
+               constraint=None):
+        """Yield Chunks for one prompt. image_keys: one hashable key per image, in prompt order.
+        constraint: a `constrain.JSONConstraint` (masks each pick; stops when its grammar is complete)."""
         t_start = time.perf_counter()
         n_prompt = len(input_ids)
         if n_prompt >= self.context_length:
@@ -143,8 +145,9 @@ class Engine:
             text, sent = "", 0
             finish = "length"
             hold = max((len(s) for s in opts.stop), default=0)
+            pick = sampler if constraint is None else (lambda lg: constraint.pick(sampler, lg))
             t_decode = time.perf_counter()
-            token = sampler(logits)
+            token = pick(logits)
             for step in range(max_new):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
@@ -166,12 +169,15 @@ class Engine:
                 if safe > sent:
                     yield Chunk(text[sent:safe], pending)
                     sent, pending = safe, []
+                if constraint is not None and constraint.finished:
+                    finish = "stop"
+                    break
                 if step == max_new - 1:
                     break
                 pos = torch.tensor([n_prompt + step], device=self.device)
                 logits = self.model(self.model.language_model.embed_tokens(
                     torch.tensor([[token]], device=self.device)), pos)[0, -1]
-                token = sampler(logits)
+                token = pick(logits)
             if finish != "stop" or not opts.stop:
                 text += decoder.flush()
                 if opts.stop and (cut := _find_stop(text, opts.stop, 0)) is not None:

@@ -94,13 +94,15 @@ class Sampler:
             if ids:
                 self.seen[torch.tensor(ids, device=device)] = True
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits (V,) float -> next token id."""
+    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """logits (V,) float -> next token id; `allowed` (V,) bool, from a constraint, masks the rest."""
         logits = logits.float()
         o = self.opts
         if self.seen is not None:
             penalised = torch.where(logits < 0, logits * o.repetition_penalty, logits / o.repetition_penalty)
             logits = torch.where(self.seen, penalised, logits)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if o.greedy:
             token = int(logits.argmax())
         else:

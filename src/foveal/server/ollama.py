@@ -4,7 +4,8 @@ Follows Ollama's docs/api.md and what its official Python client parses: NDJSON 
 default, one object with `stream: false`, durations in nanoseconds, `message.role` on every chat
 object, `model_info` always present in /api/show. foveal adds per-stage timings to the final
 object: `preprocess_duration` (image decode + prompt), `vision_encode_duration` (ns), `image_count`, `image_token_count`,
-`prompt_cached_count`.
+`prompt_cached_count`. `format` ("json" or a JSON schema) is enforced by constrained decoding
+(engine/constrain.py); with done_reason "length" the JSON may be incomplete, as in Ollama.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .. import __version__
+from ..engine.constrain import schema_of
+from ..errors import SamplingError
 from .config import parse_duration
 from .common import rest_of, rfc3339_now, start_generation, state_of, validate_options
 from .errors import APIError, as_api_error, error_line
@@ -77,7 +80,7 @@ class ShowRequest(_Body):
 
 
 # ---- helpers ---------------------------------------------------------------------------
-def sampling_options(options: dict | None, context_length: int) -> dict:
+def sampling_options(options: dict | None, context_length: int, fmt=None) -> dict:
     if options is None:
         options = {}
     out = dict(DEFAULTS)
@@ -95,6 +98,8 @@ def sampling_options(options: dict | None, context_length: int) -> dict:
                        "sampling_error")
     out = {k: v for k, v in out.items() if v is not None}
     validate_options(out, RENAME_BACK)
+    if fmt is not None:
+        out["format"] = fmt
     return out
 
 
@@ -107,10 +112,18 @@ def keep_alive_seconds(value) -> float | None:
         raise APIError(400, str(e), "invalid_request_error", param="keep_alive") from None
 
 
+def output_format(value):
+    """`format`: "json" or a JSON schema object (enforced by constrained decoding), or None."""
+    if value in (None, ""):
+        return None
+    try:
+        schema_of(value)
+    except SamplingError as e:
+        raise APIError(400, str(e), "invalid_request_error", param="format") from None
+    return value
+
+
 def refuse_unsupported(body, what: str) -> None:
-    if body.format not in (None, ""):
-        raise APIError(400, "format (JSON-constrained output) is not supported by foveal yet; leave it out "
-                            "and ask for JSON in the prompt", "unsupported", param="format")
     if what == "generate":
         if body.raw:
             raise APIError(400, "raw prompts are not supported yet: foveal always applies the model's chat "
@@ -312,6 +325,7 @@ async def show(request: Request, body: ShowRequest):
 async def generate(request: Request, body: GenerateRequest):
     t_request = time.perf_counter()
     refuse_unsupported(body, "generate")
+    fmt = output_format(body.format)
     st = state_of(request)
     entry = st.registry.get(body.model)
     keep = keep_alive_seconds(body.keep_alive)
@@ -322,7 +336,7 @@ async def generate(request: Request, body: GenerateRequest):
         return await _load_only(st, entry, keep, False, load_s)
     load_s = await st.registry.ensure_loaded(entry)
     st.registry.keep_alive(entry, keep)
-    opts = sampling_options(body.options, entry.vlm.context_length)
+    opts = sampling_options(body.options, entry.vlm.context_length, fmt)
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                [{"role": "user", "content": body.prompt or "", "images": images}]
     return await _respond(request, st, entry, keep, messages, opts, False, body.stream is not False, load_s,
@@ -333,6 +347,7 @@ async def generate(request: Request, body: GenerateRequest):
 async def chat(request: Request, body: ChatRequest):
     t_request = time.perf_counter()
     refuse_unsupported(body, "chat")
+    fmt = output_format(body.format)
     st = state_of(request)
     entry = st.registry.get(body.model)
     keep = keep_alive_seconds(body.keep_alive)
@@ -346,6 +361,6 @@ async def chat(request: Request, body: ChatRequest):
     st.registry.keep_alive(entry, keep)
     if not messages:
         return await _load_only(st, entry, keep, True, load_s)
-    opts = sampling_options(body.options, entry.vlm.context_length)
+    opts = sampling_options(body.options, entry.vlm.context_length, fmt)
     return await _respond(request, st, entry, keep, messages, opts, True, body.stream is not False, load_s,
                           t_request)

@@ -3,6 +3,8 @@
 Follows the OpenAI chat completions reference and what the official `openai` client parses:
 SSE streaming (`data: {...}` events ending in `data: [DONE]`), `usage` and
 `stream_options.include_usage`, errors as `{"error": {"message", "type", "param", "code"}}`.
+`response_format` json_object / json_schema is enforced by constrained decoding (engine/constrain.py);
+with finish_reason "length" the JSON may be incomplete, as with OpenAI.
 Adds llama-server's `timings` object (ms and tokens per second per stage).
 """
 
@@ -64,15 +66,7 @@ def sampling_options(body: ChatCompletionRequest, context_length: int) -> dict:
         raise _bad("logprobs are not supported by foveal yet", "logprobs")
     if body.tools:
         raise _bad("tools are not supported by foveal yet", "tools")
-    fmt = body.response_format
-    if fmt is not None:
-        kind = fmt.get("type")
-        if kind in ("json_object", "json_schema"):
-            raise _bad(f"response_format {kind} (JSON-constrained output) is not supported by foveal yet",
-                       "response_format")
-        if kind != "text":
-            raise _bad(f"response_format type must be text, json_object or json_schema, got {kind!r}",
-                       "response_format")
+    fmt = output_format(body.response_format)
     _check_range("temperature", body.temperature, 0, 2)
     _check_range("frequency_penalty", body.frequency_penalty, -2, 2)
     _check_range("presence_penalty", body.presence_penalty, -2, 2)
@@ -88,7 +82,35 @@ def sampling_options(body: ChatCompletionRequest, context_length: int) -> dict:
             else body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stop}
     opts = {k: v for k, v in opts.items() if v is not None}
     validate_options(opts, {"max_tokens": name})
+    if fmt is not None:
+        opts["format"] = fmt
     return opts
+
+
+def output_format(fmt: dict | None):
+    """response_format -> the engine's `format`: None (text), "json" (json_object) or a schema dict.
+    json_schema is always enforced strictly (constrained decoding), whatever `strict` says."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind != "json_schema":
+        raise _bad(f"response_format type must be text, json_object or json_schema, got {_short(kind)}",
+                   "response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _bad("response_format.json_schema must be an object with 'name' and 'schema'", "response_format")
+    if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise _bad("response_format.json_schema: 'name' must be a string and 'strict' a boolean", "response_format")
+    schema = spec.get("schema")
+    if schema is None:
+        return "json"
+    if not isinstance(schema, dict):
+        raise _bad("response_format.json_schema.schema must be a JSON schema object", "response_format")
+    return schema
 
 
 async def convert_messages(raw: list, state) -> list[dict]:
