@@ -126,10 +126,11 @@ class Attention(nn.Module):
         """One query per head against the cache: two small matmuls, several times faster on CPU than
         SDPA's kernels for this shape. Query heads of one KV group are stacked as rows (GQA, no copy)."""
         B, H, _, hd = q.shape
-        qg = q.view(B, self.n_kv, H // self.n_kv, hd)                        # (B, KV, rep, hd)
-        scores = (qg @ k.transpose(-1, -2)) * (hd ** -0.5)                   # (B, KV, rep, S)
-        probs = scores.float().softmax(-1).to(q.dtype)
-        return (probs @ v).view(B, H, 1, hd)                                 # (B, H, 1, hd)
+        # float32: bf16 matmuls whose length changes every step leave a new oneDNN primitive behind
+        # each time (memory grew ~1.3 MiB per token); the fp32 copies of one layer's K/V are small.
+        qg = q.float().view(B, self.n_kv, H // self.n_kv, hd)                # (B, KV, rep, hd)
+        scores = (qg @ k.float().transpose(-1, -2)) * (hd ** -0.5)           # (B, KV, rep, S)
+        return (scores.softmax(-1) @ v.float()).to(q.dtype).view(B, H, 1, hd)   # (B, H, 1, hd)
 
 
 class MLP(nn.Module):

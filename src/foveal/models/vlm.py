@@ -75,5 +75,5 @@ class VisionLanguageModel(nn.Module):
         """embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) for the last position."""
         h = self.language_model(embeds, input_pos)
         if last_only:
-            h = h[:, -1:]
+            h = h[:, -1].unsqueeze(1)       # contiguous (B, 1, D): a strided view made F.linear copy the head
         return self.lm_head(h)
