@@ -273,6 +273,24 @@ def cmd_eval(args) -> int:
     return run(args, lambda model: _load(args, model))
 
 
+def cmd_plan(args) -> int:
+    from .plan import plan
+    p = plan(args.model, device=args.device, memory=args.memory, ctx=args.ctx, images=args.images,
+             quant=args.quant, dtype=args.dtype)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.report())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    if not bench.exists():
+        raise FovealError(f"the benchmark script is not installed ({bench}); run it from a source checkout")
+    import runpy
+    words = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    return runpy.run_path(str(bench), run_name="foveal_bench")["main"](words)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foveal", description="Run vision-language models on your machine.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -354,6 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("plan", help="will it run? memory of each part, the verdict, a --gpu-layers suggestion")
+    p.add_argument("model", help="model folder or config.json (no weights needed)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--memory", default=None, help="budget, e.g. 8GiB or 16GB (default: what the device has free)")
+    p.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("--images", type=int, default=1, help="images per request (default 1)")
+    p.add_argument("--quant", default="none", help="none, int8, int4 or int4-gN (default none)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: as load() picks)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("bench", help="speed and memory against transformers and llama.cpp (benchmarks/bench.py)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/bench.py (--help)")
+    p.set_defaults(func=cmd_bench)
+
     from .train.cli import add_train_parser
     add_train_parser(sub)
     return parser
@@ -361,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:     # every word after it belongs to benchmarks/bench.py (argparse mangles REMAINDER)
+        argv = ["bench", "--", *argv[1:]]
     # `foveal run MODEL --image a.png "question"` puts options between positionals, which
     # argparse leaves over: take the left-over words as more positionals of `run`.
     args, extra = parser.parse_known_args(argv)
