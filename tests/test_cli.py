@@ -30,6 +30,10 @@ CHAT_SCRIPT = "\n".join(["/image missing.png", "/image red.png", "What colour is
                          "Hello again.", "/help", "/exit", "never read"]) + "\n"
 
 
+SCHEMA = {"type": "object", "properties": {"pick": {"enum": ["left", "right"]}}, "required": ["pick"],
+          "additionalProperties": False}
+
+
 def _commands(model: str) -> dict[str, tuple[list[str], str | None]]:
     """name -> (arguments, stdin)."""
     run = ["run", model, "--dtype", "float32"]
@@ -53,6 +57,8 @@ def _commands(model: str) -> dict[str, tuple[list[str], str | None]]:
         "more-placeholders-than-images": (run + ["--image", "red.png", "<image> and <image>?"], None),
         "bad-device": (run + ["--device", "tpu", "Hi"], None),
         "no-model": (["run", "Hi"], None),
+        "format-schema": (run + ["--format", "schema.json", "--max-tokens", "40", "Pick one"], None),
+        "format-missing": (run + ["--format", "nowhere.json", "Hi"], None),
     }
 
 
@@ -62,6 +68,7 @@ def workdir(tmp_path_factory) -> Path:
     build_random_model(d / "tiny")
     Image.new("RGB", (50, 30), (220, 20, 20)).save(d / "red.png")
     (d / "notes.png").write_text("these are notes, not a PNG\n")
+    (d / "schema.json").write_text(json.dumps(SCHEMA))
     return d
 
 
@@ -214,3 +221,13 @@ def test_no_model_and_no_bundled_model(results):
     assert_one_error(r, "no model was named", "no bundled model", "python -m foveal.bundled")
 
 
+
+
+def test_run_format_schema_constrains_the_answer(results):
+    r = results["format-schema"]
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) in ({"pick": "left"}, {"pick": "right"})
+
+
+def test_run_format_missing_schema_file(results):
+    assert_one_error(results["format-missing"], "nowhere.json", "schema file")

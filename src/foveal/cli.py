@@ -62,6 +62,18 @@ def _print_stats(stats, out=sys.stderr) -> None:
           f"({stats.decode_tokens_per_s:.1f} tok/s)]", file=out)
 
 
+def _format(value):
+    if value is None or value == "json":
+        return value
+    try:
+        with open(value) as f:
+            return json.load(f)
+    except OSError as e:
+        raise FovealError(f"--format {value}: cannot read the schema file: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise FovealError(f"--format {value}: the schema file is not valid JSON: {e}") from None
+
+
 def cmd_run(args) -> int:
     if len(args.words) == 1:
         model, prompt = None, args.words[0]
@@ -69,14 +81,14 @@ def cmd_run(args) -> int:
         model, prompt = args.words
     else:
         raise FovealError("usage: foveal run [MODEL] [--image FILE ...] PROMPT")
-    sampling = _sampling(args)
+    sampling, schema = _sampling(args), _format(args.format)
     vlm = _load(args, args.model or model)
     content = [{"type": "image", "image": path} for path in args.image or []]
     content.append({"type": "text", "text": prompt})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": content}]
     last = None
-    for chunk in vlm.stream(messages, **sampling):
+    for chunk in vlm.stream(messages, format=schema, **sampling):
         print(chunk.text, end="", flush=True)
         last = chunk
     print()
@@ -302,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--stats", action="store_true", help="print token counts and stage timings to stderr")
+    p.add_argument("--format", default=None, metavar="json|SCHEMA.json",
+                   help="constrain the answer to JSON: 'json' for any object, or a JSON-schema file")
     _add_model_options(p)
     _add_sampling_options(p)
     p.set_defaults(func=cmd_run)
