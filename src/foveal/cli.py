@@ -48,10 +48,16 @@ def _sampling(args) -> dict:
     return options
 
 
+def _add_quant_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", default=None, metavar="int8|int4|int4-gN",
+                   help="quantize the language model's weights while loading (default: as stored)")
+
+
 def _load(args, model):
     from .api import load
     return load(model, device=args.device, dtype=args.dtype, context_length=args.ctx,
-                vision_tower=args.vision_tower, image_mode=args.image_mode, mmproj=args.mmproj)
+                vision_tower=args.vision_tower, image_mode=args.image_mode, mmproj=args.mmproj,
+                quant=getattr(args, "quant", None))
 
 
 def _print_stats(stats, out=sys.stderr) -> None:
@@ -254,7 +260,8 @@ def cmd_serve(args) -> int:
     config.check_bind()      # before loading anything: a refused bind should fail fast
     logging.basicConfig(level=logging.INFO if args.access_log else logging.WARNING, format="%(message)s")
     serve(args.models, config, dict(device=args.device, dtype=args.dtype, context_length=args.ctx,
-                                    vision_tower=args.vision_tower, image_mode=args.image_mode))
+                                    vision_tower=args.vision_tower, image_mode=args.image_mode,
+                                    mmproj=args.mmproj, quant=args.quant))
     return 0
 
 
@@ -317,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, metavar="json|SCHEMA.json",
                    help="constrain the answer to JSON: 'json' for any object, or a JSON-schema file")
     _add_model_options(p)
+    _add_quant_option(p)
     _add_sampling_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -324,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--stats", action="store_true")
     _add_model_options(p)
+    _add_quant_option(p)
     _add_sampling_options(p)
     p.set_defaults(func=cmd_chat)
 
@@ -362,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "never, since the models were named at start-up)")
     p.add_argument("--access-log", action="store_true", help="log one JSON line per request")
     _add_model_options(p)
+    _add_quant_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="write an int8 / int4 weight-only quantized checkpoint")
@@ -384,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "MMBench or LLaVA files")
     add_eval_arguments(p)
     _add_model_options(p)
+    _add_quant_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="will it run? memory of each part, the verdict, a --gpu-layers suggestion")
