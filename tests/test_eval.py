@@ -14,7 +14,6 @@ import itertools
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -490,40 +489,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class FoveaLiveServer:
-    """foveal's own server (uvicorn on loopback) serving the tiny model as "tiny"."""
-
-    def __init__(self, vlm):
-        import uvicorn
-        from foveal.server import Metrics, ModelRegistry, ServerConfig, create_app, uvicorn_config
-        self.config = ServerConfig(port=free_port())
-        metrics = Metrics()
-        registry = ModelRegistry(self.config, metrics, {"dtype": "float32"})
-        registry.add_loaded(vlm, "tiny")
-        self.server = uvicorn.Server(uvicorn_config(create_app(self.config, registry, metrics), self.config,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.config.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def test_endpoint_against_foveal_server_matches_local(vlm, world, tmp_path):
     pytest.importorskip("uvicorn")
     dataset = load_dataset(world["pope"], limit=2)
     local = run_eval(dataset, LocalBackend(vlm), tmp_path / "local.json", max_tokens=3, chart=False)
     expected = [json.loads(x)["prediction"] for x in (tmp_path / "local.predictions.jsonl").read_text().splitlines()[1:]]
-    with FoveaLiveServer(vlm) as server:
+    from live_server import LiveServer
+    with LiveServer(vlm) as server:
         for api in ("openai", "ollama"):
             report = evaluate(world["pope"], endpoint=server.url, api=api, limit=2, max_tokens=3,
                               out=tmp_path / f"{api}.json", chart=False)     # model: the first the server lists

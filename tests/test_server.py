@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import struct
 import threading
 import time
@@ -22,13 +21,13 @@ from PIL import Image
 import foveal
 from foveal.bundled import build_random_model
 from foveal.errors import ConfigError
-from foveal.server import Metrics, ModelRegistry, ServerConfig, create_app, uvicorn_config
+from foveal.server import ServerConfig
 
 ollama = pytest.importorskip("ollama")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-MODEL = "tiny"
+from live_server import MODEL, LiveServer  # noqa: E402,F401 (re-exported for the other server tests)
 IMAGE_TOKENS = 64          # random_config: 64 px image, 8 px patches
 
 
@@ -51,33 +50,6 @@ def bomb_png(width=20000, height=20000) -> bytes:
     data[12:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
     return bytes(data)
-
-
-class LiveServer:
-    def __init__(self, vlm, load_kwargs=None, **config):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.config = ServerConfig(port=port, **config)
-        metrics = Metrics()
-        self.registry = ModelRegistry(self.config, metrics, load_kwargs or {"dtype": "float32"})
-        self.registry.add_loaded(vlm, MODEL)
-        self.app = create_app(self.config, self.registry, metrics)
-        self.server = uvicorn.Server(uvicorn_config(self.app, self.config, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
