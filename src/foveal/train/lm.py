@@ -51,6 +51,7 @@ class LMConfig:
     precision: str = "auto"
     seed: int = 0
     tokenizer: str | None = None         # an existing tokenizer.json to reuse instead of training one
+    minutes: float | None = None         # time budget: the schedule decays by time too and ends with it
     progress: bool = True
 
     def __post_init__(self):
@@ -80,7 +81,10 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(lines, trainer)
+    # The chat template's role markers ("USER: ... ASSISTANT: ...") are in every training sequence but
+    # not in the corpus: without these lines BPE leaves them as ~15 single-byte tokens per turn.
+    roles = [f"USER: {line} ASSISTANT: {line}" for line in lines[:: max(1, len(lines) // 2000)]]
+    tok.train_from_iterator(list(lines) + roles, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok.to_str()
 
@@ -106,7 +110,7 @@ def train_lm(cfg: LMConfig):
     from ..models.vlm import VisionLanguageModel
     from ..weights.save import save_checkpoint
     from .plot import plot_losses
-    from .trainer import TrainResult, _progress, lr_factor
+    from .trainer import TrainResult, _progress, budget_lr_factor
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     lines = read_corpus(Path(cfg.corpus))
@@ -147,12 +151,17 @@ def train_lm(cfg: LMConfig):
     bar = _progress(total, 0, cfg.progress)
     history, t0 = [], time.perf_counter()
     pos = torch.arange(cfg.seq_len)
+    budget_s = cfg.minutes * 60 if cfg.minutes else None
     for step in range(total):
+        factor = budget_lr_factor(step, total, warmup, time.perf_counter() - t0, budget_s)
+        if budget_s and time.perf_counter() - t0 >= budget_s:
+            total = step
+            break
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         batch = blocks[perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]]       # (B, seq_len + 1)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, total, warmup)
+            g["lr"] = cfg.lr * factor
         with autocast:
             hidden = model.language_model(model.language_model.embed_tokens(batch[:, :-1]), pos)
             logits = model.lm_head(hidden).float()                                # (B, T, V)
@@ -164,7 +173,7 @@ def train_lm(cfg: LMConfig):
         value = loss.item()
         rate = (step + 1) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
         history.append({"step": step + 1, "loss": value, "tokens_per_s": round(rate, 1)})
-        bar.update(step + 1, value, lr_factor(step, total, warmup), rate / cfg.seq_len)
+        bar.update(step + 1, value, factor, rate / cfg.seq_len)
     bar.close()
     elapsed = time.perf_counter() - t0
     model.eval()

@@ -90,6 +90,8 @@ class TrainConfig:
     merge: bool = False                 # LoRA: also write the merged model to OUTPUT/merged
     save_dtype: str | None = None       # float32 (default: as trained) | bfloat16 | float16
     plot: bool = True
+    max_minutes: float | None = None    # time budget: the schedule decays by time too, and the run ends
+                                        # (as finished) when it is spent; not resumable bit-exactly
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -174,6 +176,15 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / (warmup + 1) if warmup else 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def budget_lr_factor(step: int, total: int, warmup: int, elapsed_s: float, budget_s: float | None) -> float:
+    """`lr_factor` on a time budget: progress is the larger of steps done and time spent, so a run
+    that will stop at its budget still ends its cosine decay there."""
+    if not budget_s:
+        return lr_factor(step, total, warmup)
+    frac = max(step / total, elapsed_s / budget_s)
+    return lr_factor(min(total - 1, int(frac * total)), total, warmup)
 
 
 def part_of(name: str) -> str:
@@ -397,8 +408,12 @@ class Trainer:
                     if self.precision != torch.float32 else nullcontext())
         stop_at = self.total_steps if cfg.stop_after is None else min(self.total_steps, self.step + cfg.stop_after)
         t_start, examples_done, steps_done = time.perf_counter(), 0, 0
+        budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
         while self.step < stop_at:
-            factor = lr_factor(self.step, self.total_steps, self.warmup)
+            spent = time.perf_counter() - t_start
+            if budget_s and spent >= budget_s:
+                break
+            factor = budget_lr_factor(self.step, self.total_steps, self.warmup, spent, budget_s)
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             micro = [self.dataset.collate(ix, pad_id) for ix in self.batch_indices(self.step)]
@@ -440,7 +455,7 @@ class Trainer:
         result.examples_per_s = examples_done / elapsed if elapsed > 0 else 0.0
         result.steps = [h["step"] for h in self.history]
         result.losses = [h["loss"] for h in self.history]
-        result.finished = self.step >= self.total_steps
+        result.finished = self.step >= self.total_steps or bool(budget_s and elapsed >= budget_s)
         if not result.finished:
             self.save()
             self._say(f"stopped at step {self.step} of {self.total_steps}; continue with --resume auto")
