@@ -1,0 +1,328 @@
+"""`foveal train clip`: contrastive (CLIP) pretraining of a ViT image encoder and a small text
+encoder on the shapes world's image-caption pairs.
+
+Mirrors CLIP (Radford et al. 2021; transformers' `CLIPModel.forward` loss): both encoders map
+into one embedding space, the logits are cosine similarities times a learned temperature
+`logit_scale` (initialised to log(1/0.07), clamped at log(100)), and the loss is the mean of
+image->text and text->image cross-entropy over the batch (symmetric InfoNCE).
+
+Design decisions:
+- The image encoder is foveal's `VisionTower` (CLIP ViT: class token, pre-layernorm, quick-GELU),
+  so the trained weights are a CLIP vision tower by construction and are written in transformers'
+  `CLIPVisionModel` layout (`config.json` with model_type `clip_vision_model`, tensors named
+  `vision_model.*`): the folder is what `foveal train assemble --vision` and any LLaVA take.
+- The image embedding is the mean of the last layer's patch states (not the class token): with a
+  class-token pool, the last layer's patch outputs get no gradient at all, and those are the
+  features a LLaVA built on this tower reads (`vision_feature_layer: -1`).
+- The text encoder is a few pre-norm transformer layers over a word-level tokenizer of the
+  world's closed vocabulary (`world_words()`; rendered text is split into its characters),
+  mean-pooled over real tokens. Word tokens keep a caption at ~30 tokens instead of ~110 bytes:
+  the text side then costs little next to the image side on a CPU. It is written to
+  `text_encoder/` beside the tower (with both projections, `logit_scale` and tokenizer.json).
+- Data is generated on the fly from the world seed: batch k holds scenes k*B .. k*B+B-1, so a
+  run is reproducible and never sees an image twice. Each image is paired with one of its caption
+  styles (the canonical one half of the time: it names sizes, positions and text, which is what
+  the tower must learn to see). Retrieval is measured on a held-out batch from another seed,
+  with canonical captions.
+- Preprocessing is the same `CLIPImageProcessor` arithmetic inference uses (`preprocess_batch`),
+  and `preprocessor_config.json` is written with the tower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import VisionConfig
+from ..errors import ConfigError
+from ..models.vision import VisionTower
+
+EVAL_SEED_OFFSET = 7919  # the held-out retrieval batch's world seed is seed + this
+
+
+@dataclass
+class ClipConfig:
+    output_dir: str
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_max_len: int = 64
+    embed_dim: int = 128
+    batch_size: int = 128
+    max_steps: int = 300
+    minutes: float | None = None        # time budget: the schedule decays by time too and ends with it
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.05
+    precision: str = "auto"
+    seed: int = 0
+    eval_size: int = 256
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image-size {self.image_size} must be a multiple of patch-size {self.patch_size}")
+        if self.vision_width % self.vision_heads or self.text_width % self.text_heads:
+            raise ConfigError("widths must divide by their head counts")
+        if self.batch_size < 2:
+            raise ConfigError("contrastive training needs batch-size >= 2")
+        if self.max_steps < 1:
+            raise ConfigError(f"max-steps must be >= 1, got {self.max_steps}")
+
+
+def vision_config(cfg: ClipConfig) -> VisionConfig:
+    return VisionConfig(model_type="clip_vision_model", hidden_size=cfg.vision_width,
+                        intermediate_size=4 * cfg.vision_width, num_hidden_layers=cfg.vision_layers,
+                        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
+                        patch_size=cfg.patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def image_processor_config(image_size: int) -> dict:
+    from ..processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    return {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": image_size},
+            "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
+            "do_resize": True, "do_rescale": True, "do_normalize": True, "rescale_factor": 1 / 255,
+            "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "resample": 3}
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings -> pre-norm transformer layers -> mean over real tokens."""
+
+    def __init__(self, vocab_size: int, width: int, layers: int, heads: int, max_len: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.position_embedding = nn.Embedding(max_len, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.final_layer_norm = nn.LayerNorm(width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, T) -> pooled (B, width); mask is True at real tokens."""
+        x = self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]   # (B, T, W)
+        x = self.final_layer_norm(self.layers(x, src_key_padding_mask=~mask))
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class ClipModel(nn.Module):
+    def __init__(self, cfg: ClipConfig, vocab_size: int):
+        super().__init__()
+        self.vision_cfg = vision_config(cfg)
+        self.vision_model = VisionTower(self.vision_cfg, [-1])
+        self.post_layernorm = nn.LayerNorm(cfg.vision_width, eps=1e-5)
+        self.text_model = TextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_max_len)
+        self.visual_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
+        self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        states = self.vision_model(pixels)[0]                              # (B, 1 + P, D)
+        pooled = self.post_layernorm(states[:, 1:].mean(1))                # (B, D)
+        return F.normalize(self.visual_projection(pooled).float(), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_projection(self.text_model(ids, mask)).float(), dim=-1)
+
+    def forward(self, pixels, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss, image-to-text logits (B, B))."""
+        img, txt = self.encode_image(pixels), self.encode_text(ids, mask)
+        logits = self.logit_scale.exp() * img @ txt.t()                  # (B_img, B_txt)
+        target = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        return loss, logits
+
+
+def world_tokenizer() -> str:
+    """Word-level tokenizer.json over the world's words; capitals and digits split one per token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from ..data import world_words
+    from ..data.world import TEXT_ALPHABET
+    words = {w.lower() for w in world_words()} | set(TEXT_ALPHABET) | set("0123456789,.:;?!'-")
+    vocab = {t: i for i, t in enumerate(["<unk>", "<pad>"] + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"[A-Z0-9]|[^A-Za-z0-9]"), behavior="isolated")])
+    tok.add_special_tokens(["<unk>", "<pad>"])
+    return tok.to_str()
+
+
+def init_weights(model: ClipModel) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "logit_scale":
+                continue
+            if p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("class_embedding"):
+                nn.init.normal_(p, 0.0, 0.02)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+class CaptionBatcher:
+    """Scenes of one world seed -> (pixels, token ids, mask) batches."""
+
+    def __init__(self, cfg: ClipConfig, tokenizer, world_seed: int):
+        from ..data import WorldConfig
+        from ..processing.images import ImageProcessorConfig
+        self.cfg, self.tok, self.seed = cfg, tokenizer, world_seed
+        self.world = WorldConfig(image_size=cfg.image_size)
+        self.processor = ImageProcessorConfig.from_hf(image_processor_config(cfg.image_size))
+        self.pad = tokenizer.token_to_id("<pad>")
+
+    def batch(self, start: int, n: int, canonical: bool = False):
+        from ..data import generate
+        from ..processing.images import preprocess_batch
+        examples = list(generate(n, self.seed, self.world, start))
+        rng = random.Random(self.seed * 1_000_003 + start)
+        texts = [e.captions[0] if canonical or rng.random() < 0.5 else rng.choice(e.captions[1:]) for e in examples]
+        pixels = preprocess_batch([e.image for e in examples], self.processor)
+        encs = self.tok.encode_batch(texts, add_special_tokens=False)
+        T = min(self.cfg.text_max_len, max(len(e.ids) for e in encs))
+        ids = torch.full((n, T), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, T), dtype=torch.bool)
+        for i, e in enumerate(encs):
+            k = min(T, len(e.ids))
+            ids[i, :k] = torch.tensor(e.ids[:k])
+            mask[i, :k] = True
+        return pixels, ids, mask, texts
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: ClipModel, pixels, ids, mask) -> dict:
+    """Zero-shot retrieval top-1 on one batch: each image among all captions and the reverse."""
+    model.eval()
+    img, txt = model.encode_image(pixels), model.encode_text(ids, mask)
+    sims = img @ txt.t()
+    target = torch.arange(len(sims))
+    i2t = (sims.argmax(1) == target).float().mean().item()
+    t2i = (sims.argmax(0) == target).float().mean().item()
+    model.train()
+    return {"image_to_text_top1": round(i2t, 4), "text_to_image_top1": round(t2i, 4), "candidates": len(sims)}
+
+
+def save_vision_tower(model: ClipModel, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """The tower in transformers' CLIPVisionModel layout (`vision_model.*`)."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    v = model.vision_cfg
+    tensors = {f"vision_model.{k}": t for k, t in model.vision_model.state_dict().items()}
+    tensors |= {f"vision_model.post_layernorm.{k}": t for k, t in model.post_layernorm.state_dict().items()}
+    tensors = {k: (t.to(dtype) if dtype else t).detach().contiguous() for k, t in tensors.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+              "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+              "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+              "num_channels": v.num_channels, "image_size": v.image_size, "patch_size": v.patch_size,
+              "hidden_act": v.hidden_act, "layer_norm_eps": v.layer_norm_eps,
+              "projection_dim": model.visual_projection.out_features,
+              "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "")}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_processor_config(v.image_size), indent=2))
+    return folder
+
+
+def save_text_encoder(model: ClipModel, cfg: ClipConfig, folder: Path, tokenizer_json: str) -> Path:
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"text_model.{k}": t for k, t in model.text_model.state_dict().items()}
+    tensors |= {"text_projection.weight": model.text_projection.weight,
+                "visual_projection.weight": model.visual_projection.weight,
+                "logit_scale": model.logit_scale.reshape(1)}
+    save_file({k: t.detach().contiguous() for k, t in tensors.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    config = {"model_type": "foveal_clip_text", "vocab_size": model.text_model.token_embedding.num_embeddings,
+              "hidden_size": cfg.text_width, "num_hidden_layers": cfg.text_layers,
+              "num_attention_heads": cfg.text_heads, "max_position_embeddings": cfg.text_max_len,
+              "projection_dim": cfg.embed_dim, "pooling": "mean", "image_pooling": "mean_patches_post_layernorm"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer.json").write_text(tokenizer_json)
+    return folder
+
+
+def train_clip(cfg: ClipConfig) -> dict:
+    """Train, evaluate retrieval, write OUTPUT (the tower) and OUTPUT/text_encoder; returns the report."""
+    from tokenizers import Tokenizer
+
+    from ..api import default_dtype
+    from .plot import plot_losses
+    from .trainer import _progress, budget_lr_factor
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    tokenizer_json = world_tokenizer()
+    tok = Tokenizer.from_str(tokenizer_json)
+    model = ClipModel(cfg, tok.get_vocab_size())
+    init_weights(model)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    precision = {"auto": default_dtype("cpu"), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
+    autocast = torch.autocast("cpu", dtype=precision) if precision != torch.float32 else nullcontext()
+    train_data = CaptionBatcher(cfg, tok, cfg.seed)
+    held_out = CaptionBatcher(cfg, tok, cfg.seed + EVAL_SEED_OFFSET).batch(0, cfg.eval_size, canonical=True)
+    total, warmup = cfg.max_steps, max(1, int(cfg.warmup_ratio * cfg.max_steps))
+    bar = _progress(total, 0, cfg.progress)
+    history, t0 = [], time.perf_counter()
+    budget_s = cfg.minutes * 60 if cfg.minutes else None
+    for step in range(total):
+        factor = budget_lr_factor(step, total, warmup, time.perf_counter() - t0, budget_s)
+        pixels, ids, mask, _ = train_data.batch(step * cfg.batch_size, cfg.batch_size)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * factor
+        with autocast:
+            loss, _ = model(pixels, ids, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        elapsed = time.perf_counter() - t0
+        history.append({"step": step + 1, "loss": loss.item(), "logit_scale": round(model.logit_scale.exp().item(), 3),
+                        "images_per_s": round((step + 1) * cfg.batch_size / elapsed, 1)})
+        bar.update(step + 1, history[-1]["loss"], factor, history[-1]["images_per_s"])
+        if budget_s and elapsed >= budget_s:
+            break
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    with autocast:
+        retrieval = retrieval_accuracy(model, *held_out[:3])
+    model.eval()
+    save_vision_tower(model, out)
+    save_text_encoder(model, cfg, out / "text_encoder", tokenizer_json)
+    report = {"steps": len(history), "planned_steps": total, "seconds": round(elapsed, 1),
+              "images_seen": len(history) * cfg.batch_size, "final_loss": round(history[-1]["loss"], 4),
+              "logit_scale": history[-1]["logit_scale"], "held_out_seed": cfg.seed + EVAL_SEED_OFFSET,
+              "retrieval": retrieval}
+    (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out / "clip_report.json").write_text(json.dumps(report, indent=2))
+    plot_losses([h["step"] for h in history], [h["loss"] for h in history], out / "loss.png", "foveal train clip")
+    r = retrieval
+    print(f"clip: {len(history)} steps in {elapsed:.0f} s, loss {report['final_loss']}, zero-shot retrieval on "
+          f"{r['candidates']} held-out pairs: image->text top-1 {r['image_to_text_top1']:.1%}, text->image top-1 "
+          f"{r['text_to_image_top1']:.1%}; wrote {out}", file=sys.stderr)
+    return report

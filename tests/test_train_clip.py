@@ -1,0 +1,177 @@
+"""`foveal train clip` and `foveal train assemble` on tiny sizes.
+
+What is checked: the CLIP stage lowers its contrastive loss, reports retrieval on a held-out batch,
+and writes a tower that transformers' CLIPVisionModel reads with no missing or unexpected
+tensor and the same hidden states as foveal's tower; the text encoder is written beside it;
+assemble builds a LLaVA (tower + `train lm`'s LM + fresh projector) that foveal and transformers
+load with identical greedy answers; a mismatched or token-less input is refused by name.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import foveal
+from foveal.cli import main as cli_main
+from foveal.errors import ConfigError, FovealError
+from foveal.train.clip import ClipConfig, train_clip, world_tokenizer
+
+TINY_CLIP = dict(image_size=48, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, text_width=32,
+                 text_layers=1, text_heads=2, embed_dim=16, batch_size=16, eval_size=16, precision="fp32",
+                 progress=False)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    report = train_clip(ClipConfig(output_dir=str(out), max_steps=8, lr=3e-3, **TINY_CLIP))
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    from foveal.data import text_corpus
+    tmp = tmp_path_factory.mktemp("lm")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(text_corpus(30, seed=5)))
+    assert cli_main(["train", "lm", str(corpus), "-o", str(tmp / "lm"), "--max-steps", "3", "--seq-len", "64",
+                     "--batch-size", "4", "--vocab-size", "320", "--layers", "2", "--hidden-size", "64",
+                     "--intermediate-size", "128", "--precision", "fp32", "--no-progress"]) == 0
+    return tmp / "lm"
+
+
+def test_clip_trains_and_reports_retrieval(clip_dir):
+    out, report = clip_dir
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and log[-1]["loss"] < log[0]["loss"]
+    r = report["retrieval"]
+    assert r["candidates"] == 16 and 0.0 <= r["image_to_text_top1"] <= 1.0 and 0.0 <= r["text_to_image_top1"] <= 1.0
+    assert json.loads((out / "clip_report.json").read_text())["retrieval"] == r
+    assert log[-1]["logit_scale"] != pytest.approx(1 / 0.07, abs=1e-4)     # the temperature is learned
+
+
+def test_clip_tower_is_a_transformers_clip_vision_model(clip_dir):
+    from transformers import CLIPVisionModel
+    out, _ = clip_dir
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "clip_vision_model" and config["image_size"] == 48
+    keys = set(load_file(out / "model.safetensors"))
+    assert keys and all(k.startswith("vision_model.") for k in keys)
+    hf, info = CLIPVisionModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    from foveal.config import vision_config_from_hf
+    from foveal.models.vision import VisionTower
+    tower = VisionTower(vision_config_from_hf(config), [-1])
+    tower.load_state_dict({k.removeprefix("vision_model."): v for k, v in load_file(out / "model.safetensors").items()
+                           if not k.startswith("vision_model.post_layernorm.")})
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        assert torch.allclose(tower(pixels)[0], ref, atol=1e-5)
+    text = load_file(out / "text_encoder" / "model.safetensors")
+    assert {"logit_scale", "text_projection.weight", "visual_projection.weight"} <= set(text)
+    assert (out / "text_encoder" / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()
+
+
+def test_world_tokenizer_covers_every_caption():
+    from tokenizers import Tokenizer
+
+    from foveal.data import generate
+    tok = Tokenizer.from_str(world_tokenizer())
+    for ex in generate(200, seed=3, images=False):
+        for caption in ex.captions:
+            assert "<unk>" not in tok.encode(caption).tokens, caption
+
+
+def test_assemble_builds_a_llava_that_transformers_answers_the_same(clip_dir, lm_dir, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from foveal.data import generate
+    out = tmp_path / "vlm"
+    assert cli_main(["train", "assemble", "--vision", str(clip_dir[0]), "--lm", str(lm_dir), "-o", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["image_token_index"] == 4
+    assert config["vision_feature_layer"] == -1 and config["image_seq_length"] == 36
+    ours = foveal.load(out, dtype="float32")
+    lm = foveal.load(lm_dir, dtype="float32")
+    # the LM's weights came over unchanged
+    for name, p in lm.model.language_model.state_dict().items():
+        if ".kv_cache." not in name:
+            assert torch.equal(p, ours.model.language_model.state_dict()[name]), name
+    image = next(generate(1, seed=9, config=None)).image.resize((48, 48))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "How many shapes are there?"}]}]
+    from foveal.processing.images import preprocess_batch
+    from foveal.processing.prompt import normalize_messages
+    template_messages, _ = normalize_messages(messages, ours.prompt.template)
+    inputs = ours.prompt.build(template_messages, n_images=1)
+    ids = torch.tensor([inputs.input_ids])
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          pixel_values=preprocess_batch([image], ours.image_config), max_new_tokens=8,
+                          do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = set(ours.engine.eos_ids)
+    ref = ref[:next((i for i, t in enumerate(ref) if t in eos), len(ref))]
+    assert ours.generate(messages, max_tokens=8).token_ids == ref
+
+
+def test_assemble_refuses_bad_inputs(clip_dir, lm_dir, tmp_path):
+    from foveal.train.assemble import assemble
+    with pytest.raises(FovealError, match="clip_vision_model"):
+        assemble(clip_dir[0], clip_dir[0], tmp_path / "o1")       # a vision tower is no language model
+    bad = tmp_path / "lm"
+    bad.mkdir()
+    for f in lm_dir.iterdir():
+        if f.is_file():
+            (bad / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<image>"]
+    tok["model"]["vocab"].pop("<image>")
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ConfigError, match="no <image> token"):
+        assemble(clip_dir[0], bad, tmp_path / "o2")
+
+
+def test_assemble_calibrates_the_projector_on_images(clip_dir, lm_dir, tmp_path):
+    """--calibrate: the projector's first layer reads standardised features (its output on the
+    calibration images equals the original weight applied to (features - mean) / std) and the
+    image tokens come out at the norm of the LM's token embeddings."""
+    from foveal.data import generate
+    from foveal.processing.images import preprocess_batch
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, ex in enumerate(generate(12, seed=4, config=None)):
+        ex.image.resize((48, 48)).save(images / f"{i:03d}.png")
+    plain, calibrated = tmp_path / "plain", tmp_path / "calibrated"
+    assert cli_main(["train", "assemble", "--vision", str(clip_dir[0]), "--lm", str(lm_dir), "-o", str(plain)]) == 0
+    assert cli_main(["train", "assemble", "--vision", str(clip_dir[0]), "--lm", str(lm_dir), "-o", str(calibrated),
+                     "--calibrate", str(images)]) == 0
+    a, b = foveal.load(plain, dtype="float32"), foveal.load(calibrated, dtype="float32")
+    from PIL import Image
+    pixels = preprocess_batch([Image.open(p) for p in sorted(images.iterdir())], b.image_config)
+    with torch.no_grad():
+        features = a.model.image_features(pixels)
+        flat = features.reshape(-1, features.shape[-1])
+        standardised = (flat - flat.mean(0)) / flat.std(0)
+        expected = standardised @ a.model.multi_modal_projector.linear_1.weight.T
+        got = b.model.multi_modal_projector.linear_1(flat)
+        assert torch.allclose(got, expected, atol=1e-3, rtol=1e-3)
+        token_norm = b.model.language_model.embed_tokens.weight.norm(dim=-1).mean()
+        image_norm = b.model.encode_images(pixels).norm(dim=-1).mean()
+        assert image_norm == pytest.approx(token_norm.item(), rel=1e-3)
+        # the second layer is only rescaled, and the tower and the LM are untouched
+        ratio = b.model.multi_modal_projector.linear_2.weight / a.model.multi_modal_projector.linear_2.weight
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4)
+        for part in ("vision_tower", "language_model"):
+            for (name, p), q in zip(getattr(a.model, part).state_dict().items(), getattr(b.model, part).state_dict().values()):
+                assert torch.equal(p, q), name
+    with pytest.raises(ConfigError, match="no .png"):
+        from foveal.train.cli import cmd_assemble  # noqa: F401  (the CLI maps the error to a message)
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        from argparse import Namespace
+        cmd_assemble(Namespace(vision=str(clip_dir[0]), lm=str(lm_dir), output=str(tmp_path / "o"),
+                               vision_feature_layer=-1, seed=0, calibrate=str(empty)))
