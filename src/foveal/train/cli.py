@@ -1,4 +1,5 @@
-"""`foveal train align | instruct | merge | lm`: argument parsing for the training stages.
+"""`foveal train clip | lm | assemble | align | instruct | merge | recipe`: argument parsing for the
+training stages.
 
 Option names follow LLaVA's training scripts where they exist (--image-folder, --lora-r,
 --lora-alpha, --gradient-checkpointing), with per-part learning rates (--lr-projector, --lr-lm,
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from ..errors import FovealError
+from ..errors import ConfigError, FovealError
 
 
 def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
@@ -43,13 +45,16 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
                                                                  "checkpoint (continue later with --resume)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written model (default float32)")
+    p.add_argument("--max-minutes", type=float, default=None, help="time budget: the schedule decays by time "
+                                                                    "too and the run ends when it is spent")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(func=cmd_train, stage=stage)
 
 
 def add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train a VLM: align (stage 1), instruct (stage 2), merge a LoRA adapter")
+    train = sub.add_parser("train", help="train a VLM: clip, lm, assemble, align (stage 1), instruct (stage 2), "
+                                         "merge a LoRA adapter, or a whole recipe")
     tsub = train.add_subparsers(dest="train_command", required=True)
 
     p = tsub.add_parser("align", help="stage 1: train the projector on image-caption conversations "
@@ -87,10 +92,61 @@ def add_train_parser(sub) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--minutes", type=float, default=None, help="time budget (the schedule decays with it)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lm)
+
+    p = tsub.add_parser("clip", help="contrastive pretraining of a ViT image encoder and a text encoder on the "
+                                     "shapes world's image-caption pairs (generated on the fly)")
+    p.add_argument("-o", "--output", required=True, help="output folder: the tower (HF CLIPVisionModel) and "
+                                                         "text_encoder/")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--width", type=int, default=128, help="ViT hidden size")
+    p.add_argument("--layers", type=int, default=4, help="ViT layers")
+    p.add_argument("--heads", type=int, default=4, help="ViT attention heads")
+    p.add_argument("--text-width", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--embed-dim", type=int, default=128, help="joint embedding size")
+    p.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step (the negatives)")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--minutes", type=float, default=None, help="time budget (the schedule decays with it)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-size", type=int, default=256, help="held-out pairs for zero-shot retrieval")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--seed", type=int, default=0, help="world seed of the training pairs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_clip)
+
+    p = tsub.add_parser("assemble", help="build an HF LLaVA from a trained vision tower and a trained LM, with a "
+                                         "fresh mlp2x_gelu projector")
+    p.add_argument("--vision", required=True, help="CLIP/SigLIP vision tower folder (e.g. from `foveal train clip`)")
+    p.add_argument("--lm", required=True, help="language model folder with its tokenizer (e.g. `foveal train lm`)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--vision-feature-layer", type=int, default=-1,
+                   help="hidden state the projector reads (default -1: `foveal train clip` trains the last layer's "
+                        "patch states; use -2 for CLIP towers trained with class-token pooling)")
+    p.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
+    p.add_argument("--calibrate", metavar="IMAGE_DIR", default=None,
+                   help="initialise the projector from the feature statistics of (up to 256) images in this "
+                        "folder, e.g. the training images (recommended for towers and LMs trained from scratch)")
+    p.set_defaults(func=cmd_assemble)
+
+    p = tsub.add_parser("recipe", help="run every stage (data, clip, lm, assemble, align, instruct, eval) and "
+                                       "write a ready model")
+    p.add_argument("name", choices=("shapes",), help="recipe: shapes (the bundled model's world)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--minutes-budget", type=float, default=55.0, help="whole-recipe time budget (default 55)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-scenes", type=int, default=150, help="held-out scenes (~16 questions each)")
+    p.add_argument("--train-scenes", type=int, default=None, help="training scenes (default: scaled to the budget)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the recipe's)")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels (default: the recipe's)")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_recipe)
 
     p = tsub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into its base model")
     p.add_argument("base", help="base model")
@@ -119,7 +175,8 @@ def config_from_args(args):
                        gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
                        seed=args.seed, device=args.device, save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
-                       save_dtype=args.save_dtype, progress=not args.no_progress, **extra)
+                       save_dtype=args.save_dtype, progress=not args.no_progress, max_minutes=args.max_minutes,
+                       **extra)
 
 
 def cmd_train(args) -> int:
@@ -149,5 +206,43 @@ def cmd_lm(args) -> int:
                       intermediate_size=args.intermediate_size, num_layers=args.layers, num_heads=args.heads,
                       num_kv_heads=args.kv_heads, seq_len=args.seq_len, batch_size=args.batch_size,
                       epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, precision=args.precision,
-                      seed=args.seed, progress=not args.no_progress))
+                      seed=args.seed, progress=not args.no_progress, minutes=args.minutes))
+    return 0
+
+
+def cmd_clip(args) -> int:
+    from .clip import ClipConfig, train_clip
+    report = train_clip(ClipConfig(output_dir=args.output, image_size=args.image_size, patch_size=args.patch_size,
+                                   vision_width=args.width, vision_layers=args.layers, vision_heads=args.heads,
+                                   text_width=args.text_width, text_layers=args.text_layers,
+                                   embed_dim=args.embed_dim, batch_size=args.batch_size, max_steps=args.max_steps,
+                                   minutes=args.minutes, lr=args.lr, eval_size=args.eval_size,
+                                   precision=args.precision, seed=args.seed, progress=not args.no_progress))
+    print(json.dumps(report["retrieval"]))
+    return 0
+
+
+def cmd_assemble(args) -> int:
+    from .assemble import assemble
+    calibration = None
+    if args.calibrate:
+        folder = Path(args.calibrate)
+        if not folder.is_dir():
+            raise ConfigError(f"--calibrate {folder}: not a folder of images")
+        calibration = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))[:256]
+        if not calibration:
+            raise ConfigError(f"--calibrate {folder}: no .png/.jpg/.webp images in it")
+    out = assemble(args.vision, args.lm, args.output, vision_feature_layer=args.vision_feature_layer, seed=args.seed,
+                   calibration_images=calibration)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from .recipe import RecipeConfig, run_recipe
+    sizes = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v is not None}
+    summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
+                                      eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
+                                      save_dtype=args.save_dtype, progress=not args.no_progress, **sizes))
+    print(json.dumps({k: summary[k] for k in ("total_minutes", "model_bytes", "targets_met") if k in summary}))
     return 0

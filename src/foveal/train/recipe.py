@@ -1,0 +1,259 @@
+"""`foveal train recipe shapes -o OUT`: every stage of the bundled model, in order, on a time budget.
+
+    data -> clip -> lm -> assemble -> align -> instruct -> eval (held-out VQA + POPE)
+
+Writes OUT/model (the ready HF LLaVA checkpoint), OUT/reports/{vqa,pope}.json (+ tables and charts),
+OUT/recipe.json (per-stage times, figures, load average), and each stage's own folder (data/, clip/,
+lm/, assembled/, align/, instruct/) with its logs and loss curve.
+
+Design decisions:
+- One budget in minutes is shared out by fractions; each training stage runs on a time budget
+  (its cosine schedule decays by time, see `trainer.budget_lr_factor`), so the recipe ends near the
+  budget on a fast or a contended machine alike. Instruct gets whatever the earlier stages left,
+  less a reserve for evaluation.
+- Seeds: the training world is `seed`; the CLIP retrieval check uses `seed + 7919`; the held-out
+  evaluation world is EVAL_SEED, which no training stage ever draws from.
+- Stage 2 trains the whole model: projector, LM and (at a tenth of their learning rate) the vision
+  tower; a tower pretrained only on captions does not yet resolve everything the questions ask, but
+  a tower that moves fast early destroys the features the projector was calibrated on (measured:
+  at the LM's learning rate the model never learnt to look at the image).
+- The projector is initialised from the first training images' feature statistics
+  (`assemble.calibrate_projector`): without it the LM ignored the image entirely.
+- A share of the instruct questions carries LLaVA's short-answer instruction ("Answer the question
+  using a single word or phrase."), as LLaVA-1.5's VQA data does, so `foveal eval`'s default
+  prompt and the bare question get the same answers. Descriptions never carry it.
+- Evaluation asks bare questions, greedy, with room for the longest description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+RECIPES = ("shapes",)
+EVAL_SEED = 20_251_109        # the held-out world: never drawn from by any training stage
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+
+@dataclass
+class RecipeConfig:
+    output_dir: str
+    minutes: float = 55.0
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    eval_scenes: int = 150                  # ~16 questions a scene: ~2,400 held-out questions
+    train_scenes: int | None = None         # default: scaled to the budget
+    # sizes
+    vision_width: int = 128
+    vision_layers: int = 4
+    lm_hidden: int = 192
+    lm_intermediate: int = 512
+    lm_layers: int = 4
+    vocab_size: int = 512
+    # budget shares (of the whole recipe)
+    clip_share: float = 0.10
+    lm_share: float = 0.06
+    align_share: float = 0.08
+    eval_reserve_share: float = 0.12
+    # stage 2
+    instruct_batch: int = 8
+    lr_lm: float = 1e-3
+    lr_projector: float = 1e-3
+    lr_vision: float = 1e-4
+    save_dtype: str | None = None           # None: float32
+    progress: bool = True
+    stages: tuple[str, ...] = ("data", "clip", "lm", "assemble", "align", "instruct", "eval")
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.minutes <= 0:
+            raise ConfigError(f"--minutes-budget must be > 0, got {self.minutes}")
+        if self.eval_scenes < 1:
+            raise ConfigError("eval-scenes must be >= 1")
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ConfigError(f"--patch-size {self.patch_size} must divide --image-size {self.image_size}")
+
+
+def _say(text: str) -> None:
+    print(f"[recipe {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def add_short_answer_instruction(path: Path, share: float, seed: int) -> None:
+    """Append LLaVA's short-answer instruction to a share of the non-description questions."""
+    from ..data.language import TEMPLATES
+    describe = set(TEMPLATES["describe"]) | set(TEMPLATES["caption_prompt"])
+    records = json.loads(path.read_text())
+    rng = random.Random(seed)
+    for r in records:
+        for turn in r["conversations"]:
+            if turn["from"] != "human":
+                continue
+            question = turn["value"].removeprefix("<image>\n")
+            if question not in describe and rng.random() < share:
+                turn["value"] += "\n" + SHORT_ANSWER
+    path.write_text(json.dumps(records))
+
+
+def run_recipe(cfg: RecipeConfig) -> dict:
+    from ..data import WorldConfig, write_dataset
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    budget_s = cfg.minutes * 60
+    summary: dict = {"recipe": "shapes", "budget_minutes": cfg.minutes, "seed": cfg.seed, "eval_seed": EVAL_SEED,
+                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                     "load_average_start": _load(), "stages": {}}
+    loads: list[list[float]] = []
+
+    def stage_done(name: str, t0: float, **info) -> None:
+        loads.append(_load())
+        summary["stages"][name] = {"seconds": round(time.perf_counter() - t0, 1), **info}
+        _say(f"{name} done in {time.perf_counter() - t0:.0f} s (recipe at {time.perf_counter() - t_start:.0f} s, "
+             f"load average {loads[-1]})")
+        (out / "recipe.json").write_text(json.dumps(summary, indent=2))
+
+    world = WorldConfig(image_size=cfg.image_size)
+    data_dir, eval_dir = out / "data" / "train", out / "data" / "heldout"
+    n_train = cfg.train_scenes or int(min(16000, max(200, cfg.minutes * 200)))
+    if "data" in cfg.stages:
+        t0 = time.perf_counter()
+        _say(f"data: {n_train} training scenes (seed {cfg.seed}), {cfg.eval_scenes} held-out scenes (seed {EVAL_SEED})")
+        write_dataset(data_dir, n_train, cfg.seed, world, ("captions", "instruct", "corpus"))
+        add_short_answer_instruction(data_dir / "llava_instruct.json", 0.3, cfg.seed)
+        write_dataset(eval_dir, cfg.eval_scenes, EVAL_SEED, world, ("vqa", "pope"))
+        stage_done("data", t0, train_scenes=n_train, eval_scenes=cfg.eval_scenes)
+
+    if "clip" in cfg.stages:
+        from .clip import ClipConfig, train_clip
+        t0 = time.perf_counter()
+        report = train_clip(ClipConfig(output_dir=str(out / "clip"), image_size=cfg.image_size,
+                                       patch_size=cfg.patch_size, vision_width=cfg.vision_width,
+                                       vision_layers=cfg.vision_layers, vision_heads=max(1, cfg.vision_width // 32),
+                                       max_steps=100_000, minutes=cfg.minutes * cfg.clip_share, seed=cfg.seed,
+                                       progress=cfg.progress, **cfg.extra.get("clip", {})))
+        stage_done("clip", t0, steps=report["steps"], final_loss=report["final_loss"],
+                   retrieval=report["retrieval"])
+
+    if "lm" in cfg.stages:
+        from .lm import LMConfig, train_lm
+        t0 = time.perf_counter()
+        result = train_lm(LMConfig(corpus=str(data_dir / "corpus.txt"), output_dir=str(out / "lm"),
+                                   vocab_size=cfg.vocab_size, hidden_size=cfg.lm_hidden,
+                                   intermediate_size=cfg.lm_intermediate, num_layers=cfg.lm_layers,
+                                   num_heads=max(1, cfg.lm_hidden // 64), num_kv_heads=max(1, cfg.lm_hidden // 128),
+                                   seq_len=256, batch_size=16, max_steps=100_000, lr=1e-3, seed=cfg.seed,
+                                   minutes=cfg.minutes * cfg.lm_share, progress=cfg.progress,
+                                   **cfg.extra.get("lm", {})))
+        stage_done("lm", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4))
+
+    if "assemble" in cfg.stages:
+        from .assemble import assemble
+        t0 = time.perf_counter()
+        # the projector's data-dependent init reads the first training images (see assemble.py)
+        calibration = sorted((data_dir / "images").glob("*.png"))[:256]
+        assemble(out / "clip", out / "lm", out / "assembled", seed=cfg.seed, calibration_images=calibration)
+        stage_done("assemble", t0, calibration_images=len(calibration))
+
+    from .trainer import TrainConfig, train
+    if "align" in cfg.stages:
+        t0 = time.perf_counter()
+        result = train(TrainConfig(stage="align", model=str(out / "assembled"), data=str(data_dir / "llava_captions.json"),
+                                   output_dir=str(out / "align"), batch_size=32, epochs=100.0, lr_projector=1e-3,
+                                   max_minutes=cfg.minutes * cfg.align_share, seed=cfg.seed, progress=cfg.progress,
+                                   **cfg.extra.get("align", {})))
+        stage_done("align", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4))
+
+    if "instruct" in cfg.stages:
+        t0 = time.perf_counter()
+        # reading and tokenizing the records (~7 ms each) comes out of the same budget
+        left = budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_share * budget_s - 0.008 * n_train
+        minutes = max(0.5, left / 60)
+        _say(f"instruct: {minutes:.1f} minutes")
+        result = train(TrainConfig(stage="instruct", model=str(out / "align"), data=str(data_dir / "llava_instruct.json"),
+                                   output_dir=str(out / "instruct"), batch_size=cfg.instruct_batch, epochs=100.0,
+                                   lr_projector=cfg.lr_projector, lr_lm=cfg.lr_lm, train_vision=True,
+                                   lr_vision=cfg.lr_vision, warmup_ratio=0.02, max_minutes=minutes,
+                                   weight_decay=0.0, seed=cfg.seed, save_dtype=cfg.save_dtype, progress=cfg.progress,
+                                   **cfg.extra.get("instruct", {})))
+        stage_done("instruct", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4),
+                   examples=len(result.steps) * cfg.instruct_batch)
+        _publish(out / "instruct", out / "model")
+
+    if "eval" in cfg.stages:
+        t0 = time.perf_counter()
+        summary["eval"] = evaluate_model(out / "model", eval_dir, out / "reports")
+        stage_done("eval", t0)
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    summary["total_minutes"] = round(summary["total_seconds"] / 60, 2)
+    summary["load_average_during"] = loads
+    summary["model_bytes"] = sum(p.stat().st_size for p in (out / "model").iterdir()) if (out / "model").exists() else 0
+    if "eval" in summary:
+        summary["targets_met"] = targets_met(summary["eval"])
+    (out / "recipe.json").write_text(json.dumps(summary, indent=2))
+    _say(f"done in {summary['total_minutes']:.1f} min; model {out / 'model'} "
+         f"({summary['model_bytes'] / 1e6:.1f} MB); summary {out / 'recipe.json'}")
+    return summary
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+               "preprocessor_config.json", "generation_config.json")
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Copy only the model files (not logs, plots or checkpoints) into the ready-model folder."""
+    import shutil
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def evaluate_model(model_dir: Path, eval_dir: Path, reports: Path, max_tokens: int = 96) -> dict:
+    """Held-out VQA-style (every question type) and POPE; bare questions, greedy."""
+    from ..api import load
+    from ..eval import format_table, load_dataset, run_eval
+    from ..eval.backends import LocalBackend
+    reports.mkdir(parents=True, exist_ok=True)
+    backend = LocalBackend(load(str(model_dir)))
+    figures = {}
+    try:
+        for name, path in (("vqa", eval_dir / "vqa_questions.json"), ("pope", eval_dir / "pope.jsonl")):
+            dataset = load_dataset(str(path), prompt_suffix="")
+            report = run_eval(dataset, backend, reports / f"{name}.json", max_tokens=max_tokens, restart=True,
+                              progress=None)
+            table = format_table(report)
+            (reports / f"{name}.txt").write_text(table + "\n")
+            print(table, file=sys.stderr)
+            figures[name] = {"overall": report["overall"], "per_type": report.get("per_type", {}),
+                             "per_category": report.get("per_category", {})}
+    finally:
+        backend.close()
+    return figures
+
+
+def targets_met(figures: dict) -> dict:
+    vqa, pope = figures.get("vqa", {}), figures.get("pope", {})
+    overall = vqa.get("overall", {}).get("exact_match", 0.0)
+    types = {t: m.get("exact_match", 0.0) for t, m in vqa.get("per_type", {}).items()}
+    cats = pope.get("per_category", {})
+    pope_ok = {c: m.get("f1", 0.0) >= 0.95 and 0.45 <= m.get("yes_ratio", 0.0) <= 0.55 for c, m in cats.items()}
+    return {"overall_exact_match>=0.95": overall >= 0.95,
+            "every_type>=0.85": bool(types) and all(v >= 0.85 for v in types.values()),
+            "pope_f1>=0.95_and_yes_ratio_0.45-0.55": bool(pope_ok) and all(pope_ok.values())}

@@ -1,0 +1,151 @@
+"""The bundled default model (`foveal/assets/default-model`, the output of `foveal train recipe shapes`).
+
+What is checked: it is installed with the package files it needs and fits the 20 MB budget; it
+loads in foveal and in transformers' LlavaForConditionalGeneration and both give the same greedy
+tokens on ~20 held-out questions (a world seed no training stage used); it answers the README's
+example questions about examples/shapes.png as examples/questions.txt says; and (slow) the recipe
+runs end to end at a tiny budget and writes a model and its reports.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import foveal
+from foveal.bundled import ASSET_DIR
+from foveal.cli import main as cli_main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HELD_OUT_SEED = 777_001          # not the recipe's training seed (0) nor its CLIP check seed (7919)
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+               "preprocessor_config.json")
+
+pytestmark = pytest.mark.skipif(not (ASSET_DIR / "config.json").exists(), reason="no bundled model installed")
+
+
+def example_questions() -> list[tuple[str, str]]:
+    pairs = []
+    for line in (EXAMPLES / "questions.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            question, answer = line.split("->")
+            pairs.append((question.strip(), answer.strip()))
+    return pairs
+
+
+def held_out_questions(n: int = 20, per_type: int = 3, scenes: int = 12):
+    """(image, question, answer) of every type, from an unseen world seed."""
+    from foveal.data import generate
+    out, seen = [], {}
+    for ex in generate(scenes, seed=HELD_OUT_SEED):
+        for q in ex.questions:
+            if seen.get(q.type, 0) < per_type:
+                seen[q.type] = seen.get(q.type, 0) + 1
+                out.append((ex.image, q.question, q.answer))
+    return out[:n]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return foveal.load(None, dtype="float32")        # no model named: the bundled one
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration.from_pretrained(ASSET_DIR, dtype=torch.float32).eval()
+
+
+def ask(vlm, image, question: str, max_tokens: int = 64):
+    return vlm.generate([{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": question}]}], max_tokens=max_tokens)
+
+
+def test_bundled_files_and_size():
+    for name in MODEL_FILES:
+        assert (ASSET_DIR / name).is_file(), name
+    total = sum(p.stat().st_size for p in ASSET_DIR.iterdir() if p.is_file())
+    assert total <= 20 * 1024 * 1024
+    config = json.loads((ASSET_DIR / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "clip_vision_model"
+
+
+def test_foveal_and_transformers_agree_on_held_out_questions(ours, hf):
+    from foveal.processing.images import preprocess_batch
+    from foveal.processing.prompt import normalize_messages
+    eos = set(ours.engine.eos_ids)
+    questions = held_out_questions()
+    assert len(questions) >= 18
+    for image, question, _ in questions:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": question}]}]
+        template_messages, _ = normalize_messages(messages, ours.prompt.template)
+        ids = torch.tensor([ours.prompt.build(template_messages, n_images=1).input_ids])
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              pixel_values=preprocess_batch([image], ours.image_config), max_new_tokens=64,
+                              do_sample=False)[0, ids.shape[1]:].tolist()
+        ref = ref[:next((i for i, t in enumerate(ref) if t in eos), len(ref))]
+        assert ours.generate(messages, max_tokens=64).token_ids == ref, question
+
+
+def test_bundled_model_answers_the_example_questions(ours):
+    pairs = example_questions()
+    assert len(pairs) >= 4
+    for question, answer in pairs:
+        assert ask(ours, str(EXAMPLES / "shapes.png"), question).text.strip() == answer, question
+
+
+def test_default_dtype_answers_the_example_questions_too():
+    vlm = foveal.load()                               # what `foveal run` uses: bf16 on this CPU
+    for question, answer in example_questions():
+        assert ask(vlm, str(EXAMPLES / "shapes.png"), question).text.strip() == answer, question
+
+
+def agreement(reference, other, questions) -> float:
+    same = sum(ask(reference, image, q, 48).token_ids == ask(other, image, q, 48).token_ids for image, q, _ in questions)
+    return same / len(questions)
+
+
+@pytest.fixture(scope="module")
+def quant_questions():
+    return held_out_questions(n=70, per_type=10, scenes=40)
+
+
+def test_gguf_q8_0_and_q4_0_exports_agree_with_the_bundled_model(ours, quant_questions, tmp_path_factory):
+    """Greedy answers of the llama.cpp-format exports against the float32 original: Q8_0 >= 99 %,
+    Q4_0 >= 90 % identical token sequences (issue: "Use the models people already have")."""
+    assert len(quant_questions) >= 60
+    for kind, floor in (("q8_0", 0.99), ("q4_0", 0.90)):
+        out = tmp_path_factory.mktemp(kind)
+        assert cli_main(["export", str(ASSET_DIR), "--gguf", str(out), "--type", kind]) == 0
+        model = next(p for p in out.glob("*.gguf") if "mmproj" not in p.name)
+        mmproj = next(p for p in out.glob("*.gguf") if "mmproj" in p.name)
+        gguf = foveal.load(str(model), mmproj=str(mmproj), dtype="float32")
+        assert agreement(ours, gguf, quant_questions) >= floor, kind
+
+
+def test_int8_and_int4_weights_agree_with_the_bundled_model(ours, quant_questions):
+    """foveal's own weight-only quantization (`quant=`): int8 >= 99 %, int4 >= 90 % identical answers."""
+    for mode, floor in (("int8", 0.99), ("int4", 0.90)):
+        assert agreement(ours, foveal.load(None, dtype="float32", quant=mode), quant_questions) >= floor, mode
+
+
+@pytest.mark.slow
+def test_recipe_runs_end_to_end_at_a_tiny_budget(tmp_path):
+    out = tmp_path / "recipe"
+    assert cli_main(["train", "recipe", "shapes", "-o", str(out), "--minutes-budget", "2", "--train-scenes", "64",
+                     "--eval-scenes", "4", "--no-progress"]) == 0
+    summary = json.loads((out / "recipe.json").read_text())
+    assert list(summary["stages"]) == ["data", "clip", "lm", "assemble", "align", "instruct", "eval"]
+    assert "retrieval" in summary["stages"]["clip"] and summary["model_bytes"] > 0
+    for name in MODEL_FILES:
+        assert (out / "model" / name).is_file(), name
+    for report in ("vqa", "pope"):
+        data = json.loads((out / "reports" / f"{report}.json").read_text())
+        assert data["overall"]["count"] > 0
+    assert set(summary["targets_met"]) == {"overall_exact_match>=0.95", "every_type>=0.85",
+                                           "pope_f1>=0.95_and_yes_ratio_0.45-0.55"}
+    vlm = foveal.load(out / "model")
+    assert isinstance(ask(vlm, str(EXAMPLES / "shapes.png"), "How many shapes are there?", 8).text, str)
