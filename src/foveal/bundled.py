@@ -1,9 +1,9 @@
 """The model foveal uses when none is named, and a tiny random model for demos and benchmarks.
 
-The trained bundled model (issue "Train a VLM end to end") will live in
-`foveal/assets/default-model/`. Until it exists, `bundled_model_path()` says so, and
-`build_random_model()` writes a deterministic random-weight LLaVA (CLIP + Llama) in HF format,
-which `scripts/quickstart.sh` uses so the main-job command still runs end to end.
+The trained bundled model lives in `foveal/assets/default-model/` (installed as package data): the
+output of `foveal train recipe shapes`, a LLaVA (CLIP ViT + Llama) trained on the synthetic shapes
+world. `bundled_model_path()` finds it (or says it is missing, in a source tree without it), and
+`build_random_model()` writes a deterministic random-weight LLaVA in HF format for tests and demos.
 """
 
 from __future__ import annotations
