@@ -119,8 +119,9 @@ def quant_questions():
 
 # Measured on the shipped model (70 held-out questions, whole greedy answers of up to 48 tokens):
 # F16 100 %, Q8_0 97.1 % (one first-token change, one description), Q4_0 90.0 %, int8 100 %,
-# int4 68.6 %. The small model's logits are flat, so weight noise flips near-ties; the two below
-# target are known gaps (issue notes), kept strict so they are noticed when they start to pass.
+# int4 91.4 % (68.6 % before the output head was kept in int8). The small model's logits are flat,
+# so weight noise flips near-ties; Q8_0 is a known gap (issue notes), kept strict so it is noticed
+# when it starts to pass.
 BELOW_TARGET = pytest.mark.xfail(strict=True, reason="measured below the issue's target; see the comment above")
 
 
@@ -136,7 +137,7 @@ def test_gguf_exports_agree_with_the_bundled_model(ours, quant_questions, tmp_pa
     assert agreement(ours, gguf, quant_questions) >= floor
 
 
-@pytest.mark.parametrize("mode, floor", [("int8", 0.99), pytest.param("int4", 0.90, marks=BELOW_TARGET)])
+@pytest.mark.parametrize("mode, floor", [("int8", 0.99), ("int4", 0.90)])
 def test_quantized_weights_agree_with_the_bundled_model(ours, quant_questions, mode, floor):
     """foveal's own weight-only quantization (`quant=`): int8 >= 99 %, int4 >= 90 % identical answers."""
     assert agreement(ours, foveal.load(None, dtype="float32", quant=mode), quant_questions) >= floor

@@ -69,6 +69,11 @@ def plan_modules(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP,
         want = mode if name.startswith(LM_PREFIXES) else vision if name.startswith(VISION_PREFIXES) else None
         if want == "int4" and mod.in_features % group_size:
             want = "int8"
+        # The output head stays int8 under int4, as llama.cpp keeps `output` at Q6_K/Q8_0: every
+        # logit goes through it. Measured on the bundled model (70 held-out questions, whole greedy
+        # answers identical to float32): int4 head 68.6 %, int8 head 91.4 %.
+        if want == "int4" and name == "lm_head":
+            want = "int8"
         if want:
             plan[name] = want
     return plan
