@@ -8,6 +8,7 @@ load with identical greedy answers; a mismatched or token-less input is refused 
 """
 
 import json
+from argparse import Namespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 import foveal
 from foveal.cli import main as cli_main
 from foveal.errors import ConfigError, FovealError
+from foveal.train.cli import cmd_assemble
 from foveal.train.clip import ClipConfig, train_clip, world_tokenizer
 
 TINY_CLIP = dict(image_size=48, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, text_width=32,
@@ -168,10 +170,8 @@ def test_assemble_calibrates_the_projector_on_images(clip_dir, lm_dir, tmp_path)
         for part in ("vision_tower", "language_model"):
             for (name, p), q in zip(getattr(a.model, part).state_dict().items(), getattr(b.model, part).state_dict().values()):
                 assert torch.equal(p, q), name
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(ConfigError, match="no .png"):
-        from foveal.train.cli import cmd_assemble  # noqa: F401  (the CLI maps the error to a message)
-        empty = tmp_path / "empty"
-        empty.mkdir()
-        from argparse import Namespace
         cmd_assemble(Namespace(vision=str(clip_dir[0]), lm=str(lm_dir), output=str(tmp_path / "o"),
                                vision_feature_layer=-1, seed=0, calibrate=str(empty)))
