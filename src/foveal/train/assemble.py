@@ -74,6 +74,20 @@ def _copy_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: 
     module.load_state_dict({k: t.float() for k, t in given.items()}, strict=False)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def calibration_images_in(folder: str | Path, limit: int = 256) -> list[Path]:
+    """The first `limit` images (by name) of a folder, for `assemble(calibration_images=...)`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"--calibrate {folder}: not a folder of images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not images:
+        raise ConfigError(f"--calibrate {folder}: no .png/.jpg/.webp images in it")
+    return images
+
+
 def calibrate_projector(model, pixels: torch.Tensor) -> dict:
     """Data-dependent projector init (see the module docstring): standardised inputs, output norm
     matched to the LM's token embeddings. pixels: (N, 3, H, W) preprocessed calibration images."""

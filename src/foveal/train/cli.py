@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ..errors import ConfigError, FovealError
+from ..errors import FovealError
 
 
 def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
@@ -223,15 +222,8 @@ def cmd_clip(args) -> int:
 
 
 def cmd_assemble(args) -> int:
-    from .assemble import assemble
-    calibration = None
-    if args.calibrate:
-        folder = Path(args.calibrate)
-        if not folder.is_dir():
-            raise ConfigError(f"--calibrate {folder}: not a folder of images")
-        calibration = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))[:256]
-        if not calibration:
-            raise ConfigError(f"--calibrate {folder}: no .png/.jpg/.webp images in it")
+    from .assemble import assemble, calibration_images_in
+    calibration = calibration_images_in(args.calibrate) if args.calibrate else None
     out = assemble(args.vision, args.lm, args.output, vision_feature_layer=args.vision_feature_layer, seed=args.seed,
                    calibration_images=calibration)
     print(f"wrote {out}")

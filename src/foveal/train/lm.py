@@ -153,10 +153,11 @@ def train_lm(cfg: LMConfig):
     pos = torch.arange(cfg.seq_len)
     budget_s = cfg.minutes * 60 if cfg.minutes else None
     for step in range(total):
-        factor = budget_lr_factor(step, total, warmup, time.perf_counter() - t0, budget_s)
-        if budget_s and time.perf_counter() - t0 >= budget_s:
+        spent = time.perf_counter() - t0
+        if budget_s and spent >= budget_s:
             total = step
             break
+        factor = budget_lr_factor(step, total, warmup, spent, budget_s)
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         batch = blocks[perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]]       # (B, seq_len + 1)

@@ -164,10 +164,10 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         stage_done("lm", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4))
 
     if "assemble" in cfg.stages:
-        from .assemble import assemble
+        from .assemble import assemble, calibration_images_in
         t0 = time.perf_counter()
         # the projector's data-dependent init reads the first training images (see assemble.py)
-        calibration = sorted((data_dir / "images").glob("*.png"))[:256]
+        calibration = calibration_images_in(data_dir / "images")
         assemble(out / "clip", out / "lm", out / "assembled", seed=cfg.seed, calibration_images=calibration)
         stage_done("assemble", t0, calibration_images=len(calibration))
 
