@@ -242,6 +242,30 @@ def test_gradient_checkpointing_and_accumulation_keep_the_step(world, bundled, t
     assert plain.losses == pytest.approx(other.losses, abs=1e-5)
 
 
+def test_group_by_length_pads_less_and_keeps_every_example_once(world, bundled, tmp_path):
+    from foveal.train import Trainer
+    common = dict(stage="align", model=str(bundled), data=instruct(world), output_dir=str(tmp_path),
+                  batch_size=2, epochs=2, **FAST)
+    plain, grouped = Trainer(TrainConfig(**common)), Trainer(TrainConfig(group_by_length=True, **common))
+    lengths = [len(e.input_ids) for e in plain.dataset.examples]
+    assert len(set(lengths)) > 2                       # the fixture's conversations differ in length
+
+    def padded(trainer, epoch):
+        steps = range(epoch * trainer.steps_per_epoch, (epoch + 1) * trainer.steps_per_epoch)
+        batches = [b for s in steps for b in trainer.batch_indices(s)]
+        return batches, sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    for epoch in (0, 1):
+        batches, cost = padded(grouped, epoch)
+        flat = sorted(i for b in batches for i in b)
+        assert flat == sorted(set(flat)) and len(flat) == grouped.steps_per_epoch * 2     # each example once
+        assert cost <= padded(plain, epoch)[1]
+        assert cost == 2 * sum(sorted(lengths[i] for i in flat)[1::2])   # pairs of neighbours in length order
+    assert padded(grouped, 0)[0] != padded(grouped, 1)[0]                               # a new order each epoch
+    again = Trainer(TrainConfig(group_by_length=True, **common))
+    assert padded(again, 0)[0] == padded(grouped, 0)[0]                                 # and a seeded one
+
+
 # ---- resume ---------------------------------------------------------------------------------
 def test_resume_continues_the_same_loss_curve(world, bundled, tmp_path):
     common = dict(stage="instruct", model=str(bundled), data=captions(world), lora=True, lora_dropout=0.1,

@@ -34,6 +34,8 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute LM layers in backward "
                                                                          "(less memory, ~30%% slower)")
     p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together (less padding; the order stays random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at a stop)")
@@ -172,6 +174,7 @@ def config_from_args(args):
                        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                        max_grad_norm=args.max_grad_norm, precision=args.precision,
                        gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
+                       group_by_length=args.group_by_length,
                        seed=args.seed, device=args.device, save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
                        save_dtype=args.save_dtype, progress=not args.no_progress, max_minutes=args.max_minutes,

@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "auto"             # auto | bf16 | fp32
     gradient_checkpointing: bool = False
     max_length: int | None = None
+    group_by_length: bool = False       # batches of similar length (less padding), as LLaVA's --group_by_modality_length
     seed: int = 0
     device: str = "cpu"
     # bookkeeping
@@ -292,6 +293,7 @@ class Trainer:
         self.warmup = int(round(cfg.warmup_ratio * self.total_steps))
         self.precision = self._precision()
         self.step = 0
+        self._order: tuple[int, list[int]] | None = None
         self.history: list[dict] = []
         if cfg.resume:
             self._resume(cfg.resume)
@@ -311,11 +313,30 @@ class Trainer:
         return torch.bfloat16 if p == "bf16" else torch.float32
 
     # -- data order
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The example order of one epoch: a seeded permutation; with --group-by-length, cut into
+        mega-batches of 50 global batches, each sorted by length, and the batches shuffled (transformers'
+        LengthGroupedSampler): each batch pads to a near-equal length, the order stays random."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        if self.cfg.group_by_length:
+            B, lengths = self.global_batch, [len(e.input_ids) for e in self.dataset.examples]
+            mega = 50 * B
+            batches = []
+            for i in range(0, self.steps_per_epoch * B, mega):
+                part = sorted(perm[i:min(i + mega, self.steps_per_epoch * B)], key=lambda j: -lengths[j])
+                batches += [part[j:j + B] for j in range(0, len(part), B)]
+            shuffle = torch.randperm(len(batches), generator=g).tolist()
+            perm = [j for b in shuffle for j in batches[b]]
+        self._order = (epoch, perm)
+        return perm
+
     def batch_indices(self, step: int) -> list[list[int]]:
         """This rank's micro-batches (lists of example indices) for global step `step`."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        perm = self.epoch_order(epoch)
         chunk = perm[k * self.global_batch:(k + 1) * self.global_batch]
         per_rank = self.cfg.batch_size * self.cfg.grad_accum
         mine = chunk[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
@@ -328,8 +349,9 @@ class Trainer:
     def _fingerprint(self) -> dict:
         c = self.cfg
         return {"stage": c.stage, "lora": c.lora, "lora_r": c.lora_r, "lora_targets": list(c.lora_targets),
-                "train_vision": c.train_vision, "freeze_projector": c.freeze_projector, "global_batch": self.global_batch, "examples": len(self.dataset),
-                "seed": c.seed, "total_steps": self.total_steps}
+                "train_vision": c.train_vision, "freeze_projector": c.freeze_projector,
+                "global_batch": self.global_batch, "examples": len(self.dataset), "seed": c.seed,
+                "total_steps": self.total_steps, **({"group_by_length": True} if c.group_by_length else {})}
 
     def save(self) -> Path | None:
         if not self.dist.main:
@@ -350,7 +372,7 @@ class Trainer:
             folder = Path(where)
         info, trainable, opt_tensors, rng = load_state(folder)
         mine, theirs = self._fingerprint(), info.get("fingerprint", {})
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        diff = {k: (theirs.get(k), mine.get(k)) for k in {**theirs, **mine} if theirs.get(k) != mine.get(k)}
         if diff:
             raise ConfigError(f"checkpoint {folder} was made by a different run; differences (checkpoint, now): "
                               + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items()))
