@@ -63,6 +63,16 @@ def _random_tensor(name: str, shape, dtype) -> torch.Tensor:
     return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
 
 
+def bench_tokenizer() -> str:
+    """The byte-level tokenizer plus one merge of two control bytes that no prompt here contains:
+    llama.cpp refuses a BPE vocabulary without merges, and this one changes no token id."""
+    tok = json.loads(byte_level_tokenizer())
+    vocab = tok["model"]["vocab"]
+    vocab["\u0100\u0101"] = len(vocab)
+    tok["model"]["merges"] = [["\u0100", "\u0101"]]
+    return json.dumps(tok)
+
+
 def build(name: str, root: Path, dtype=torch.bfloat16) -> Path:
     """Write (or reuse) the workload's HF folder under root; returns it."""
     from foveal.api import no_init_weights
@@ -70,7 +80,8 @@ def build(name: str, root: Path, dtype=torch.bfloat16) -> Path:
     from foveal.weights.save import config_to_hf, save_checkpoint
     cfg = workload_config(name)
     folder = Path(root) / name
-    stamp = json.dumps(config_to_hf(cfg), sort_keys=True)
+    tokenizer = bench_tokenizer()
+    stamp = json.dumps([config_to_hf(cfg), hashlib.sha256(tokenizer.encode()).hexdigest()], sort_keys=True)
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists() \
             and (folder / ".bench-stamp").exists() and (folder / ".bench-stamp").read_text() == stamp:
         return folder
@@ -86,7 +97,7 @@ def build(name: str, root: Path, dtype=torch.bfloat16) -> Path:
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     size = cfg.vision.image_size
-    save_checkpoint(model, cfg, folder, tokenizer_json=byte_level_tokenizer(),
+    save_checkpoint(model, cfg, folder, tokenizer_json=tokenizer,
                     tokenizer_config={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                                       "pad_token": "<pad>", "image_token": "<image>",
                                       "tokenizer_class": "PreTrainedTokenizerFast"},
