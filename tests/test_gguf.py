@@ -308,6 +308,19 @@ def test_written_metadata_is_what_llama_cpp_reads(exported, tmp_path):
         assert "v.post_ln.weight" not in gf.tensors
 
 
+def test_bpe_without_merges_is_written_with_a_warning_llama_cpp_needs(tmp_path, caplog):
+    """llama.cpp refuses a gpt2-model vocabulary without merges; gguf cannot write an empty array,
+    so the export says so (foveal itself reads the file back)."""
+    from foveal.bundled import build_random_model
+    folder = build_random_model(tmp_path / "model")          # byte-level BPE: no merges at all
+    with caplog.at_level("WARNING", logger="foveal.weights.gguf_write"):
+        text_path, _ = write_gguf(read_hf_folder(folder), tmp_path / "out", type="f32")
+    assert "llama.cpp will refuse" in caplog.text
+    with GGUFFile(text_path) as gf:
+        assert "tokenizer.ggml.merges" not in gf.metadata
+    assert read_gguf(text_path).tokenizer_json
+
+
 # --- (4) llama.cpp's quantized types, written with gguf's own writer -----------------------
 # byte offsets of the float16 scale fields in one block, to give crafted blocks sane scales
 _SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
