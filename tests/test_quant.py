@@ -142,6 +142,38 @@ def test_forced_fallback_model(trained, original):
     assert len(q.generate(msgs, max_tokens=6).token_ids) == 6
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantizing_at_load_equals_quantizing_the_loaded_model(trained, tmp_path, mode, tied):
+    """load(quant=) builds each layer from the file on the empty model (the float model never
+    exists whole); the result is the same modules, bit for bit, as quantizing a loaded model."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in Path(trained).iterdir():
+        if f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    state = load_file(folder / "model.safetensors")
+    head_key = next(k for k in state if k.endswith("lm_head.weight"))
+    if tied:         # the head is the embedding: no head tensor in the file
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["tie_word_embeddings"] = cfg["text_config"]["tie_word_embeddings"] = True
+        (folder / "config.json").write_text(json.dumps(cfg))
+        del state[head_key]
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    at_load = foveal.load(folder, dtype="bfloat16", quant=mode).model
+    after = foveal.load(folder, dtype="bfloat16").model
+    quantize_model(after, mode)
+    assert at_load.quantization == after.quantization
+    assert set(quantized_modules(at_load)) == set(quantized_modules(after)) >= {"lm_head"}
+    ours, theirs = at_load.state_dict(), after.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    source = at_load.language_model.embed_tokens.weight.float() if tied else state[head_key].float()
+    assert torch.allclose(at_load.lm_head.dequantize(), source, atol=float(at_load.lm_head.scales.float().max()),
+                          rtol=0.01)
+
+
 def test_vision_quantization(trained):
     vlm = foveal.load(trained, dtype="bfloat16")
     plan = quantize_model(vlm.model, "int4", 32, vision="int8")

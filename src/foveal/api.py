@@ -311,6 +311,9 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     with torch.device("meta"), no_init_weights():
         model = VisionLanguageModel(cfg)
         saved_quant, want_quant = Q.before_load(model, ck.raw_config, dtype, quant)
+    if want_quant:      # quantize layer by layer from the file; a tied head waits for its embedding
+        sources = Q.quantize_from_checkpoint(model, sources, dtype, *want_quant,
+                                             skip=frozenset({"lm_head"} if cfg.text.tie_word_embeddings else ()))
     tied = cfg.text.tie_word_embeddings and not Q.head_is_quantized(model)
     optional = {"lm_head.weight"} if tied else set()
     unused = load_into(model, sources, dtype, device, optional=optional)

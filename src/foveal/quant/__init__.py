@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .linear import MAX_FAST_ROWS, QUANTIZED, Int4Linear, Int8Linear, cpu_int4_available
-from .quantize import (DEFAULT_GROUP, MODES, parse_quant, plan_modules, quantize_model, quantized_modules,
-                       read_quant_config, save_quantized, set_fast_path, swap_to_quantized)
+from .quantize import (DEFAULT_GROUP, MODES, parse_quant, plan_modules, quantize_from_checkpoint, quantize_model,
+                       quantized_modules, read_quant_config, save_quantized, set_fast_path, swap_to_quantized)
 
 
 def before_load(model, raw_config: dict, dtype, quant) -> tuple[dict | None, tuple[str, int] | None]:
@@ -34,6 +34,6 @@ def after_load(model, saved: dict | None, requested: tuple[str, int] | None) -> 
 
 
 __all__ = ["Int8Linear", "Int4Linear", "QUANTIZED", "MAX_FAST_ROWS", "DEFAULT_GROUP", "MODES", "quantize_model",
-           "plan_modules", "parse_quant", "set_fast_path", "quantized_modules", "save_quantized",
+           "quantize_from_checkpoint", "plan_modules", "parse_quant", "set_fast_path", "quantized_modules", "save_quantized",
            "read_quant_config", "swap_to_quantized", "cpu_int4_available", "before_load", "after_load",
            "head_is_quantized"]

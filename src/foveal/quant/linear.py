@@ -28,6 +28,7 @@ import torch.nn.functional as F
 # Above this many rows the packed kernels lose to dequantize + bf16 matmul (peers.md: ~0.15 vs
 # ~2.5 TFLOP/s); decode has 1 row per sequence.
 MAX_FAST_ROWS = 16
+BLOCK_ROWS = 4096           # quantizing works on this many rows at a time (a 150k-row head: 37 blocks)
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -54,11 +55,12 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach()
         dtype = w.dtype if w.is_floating_point() else torch.float32
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, w.device)
-        w = w.float()
-        # scales rounded to the stored dtype first, so the rounding of the scale costs nothing extra
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(dtype)
-        mod.weight = (w / scales.float()[:, None]).round().clamp(-128, 127).to(torch.int8)
-        mod.scales = scales
+        for r in range(0, w.shape[0], BLOCK_ROWS):       # float32 temporaries of one block of rows only
+            block = w[r:r + BLOCK_ROWS].float()
+            # scales rounded to the stored dtype first, so the rounding of the scale costs nothing extra
+            scales = (block.abs().amax(dim=1) / 127).clamp(min=1e-10).to(dtype)
+            mod.weight[r:r + BLOCK_ROWS] = (block / scales.float()[:, None]).round().clamp(-128, 127)
+            mod.scales[r:r + BLOCK_ROWS] = scales
         if linear.bias is not None:
             mod.bias = linear.bias.detach().to(dtype).clone()
         return mod
@@ -165,17 +167,18 @@ class Int4Linear(nn.Module):
         dtype = w.dtype if w.is_floating_point() else torch.float32
         N, K = w.shape
         mod = cls(K, N, linear.bias is not None, group_size, dtype, w.device)
-        g = w.float().view(N, K // group_size, group_size)
-        if symmetric:
-            scales = (g.abs().amax(-1) / 7).clamp(min=1e-10).to(dtype)
-            zeros = torch.zeros_like(scales)
-        else:
-            lo, hi = g.amin(-1), g.amax(-1)
-            scales = ((hi - lo) / 15).clamp(min=1e-10).to(dtype)
-            zeros = (lo + 8 * scales.float()).to(dtype)
-        q = ((g - zeros.float()[..., None]) / scales.float()[..., None] + 8).round().clamp(0, 15)
-        mod.weight = pack_nibbles(q.view(N, K))
-        mod.scales, mod.zeros = scales, zeros
+        for r in range(0, N, BLOCK_ROWS):                # float32 temporaries of one block of rows only
+            g = w[r:r + BLOCK_ROWS].float().view(-1, K // group_size, group_size)
+            if symmetric:
+                scales = (g.abs().amax(-1) / 7).clamp(min=1e-10).to(dtype)
+                zeros = torch.zeros_like(scales)
+            else:
+                lo, hi = g.amin(-1), g.amax(-1)
+                scales = ((hi - lo) / 15).clamp(min=1e-10).to(dtype)
+                zeros = (lo + 8 * scales.float()).to(dtype)
+            q = ((g - zeros.float()[..., None]) / scales.float()[..., None] + 8).round().clamp(0, 15)
+            mod.weight[r:r + BLOCK_ROWS] = pack_nibbles(q.view(-1, K))
+            mod.scales[r:r + BLOCK_ROWS], mod.zeros[r:r + BLOCK_ROWS] = scales, zeros
         if linear.bias is not None:
             mod.bias = linear.bias.detach().to(dtype).clone()
         return mod

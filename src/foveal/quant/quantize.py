@@ -5,7 +5,9 @@ Design decisions:
   tied head gets its own quantized copy, as llama.cpp does); the vision tower and projector stay
   in the float dtype unless `vision=` names a mode ("the encoder is sensitive to quantization").
 - Modules are swapped one at a time, so the float weight of a layer is dropped as soon as its
-  quantized replacement exists: memory never holds two full copies.
+  quantized replacement exists: memory never holds two full copies. Quantizing at load goes
+  further (`quantize_from_checkpoint`): each layer is built from its checkpoint tensor on the
+  still-empty model and that tensor's file pages are dropped, so the float model never exists.
 - A linear whose input size the int4 group does not divide is quantized to int8 instead; the
   config's `modules` map records the mode of every quantized module, so loading rebuilds exactly.
 - config.json gains `"quantization": {"method": "foveal", "mode", "group_size", "symmetric",
@@ -92,9 +94,54 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = DEFAU
         q.pack()
         _set_module(model, name, q)
         del linear
-    model.quantization = {"method": "foveal", "mode": mode, "group_size": group_size if "int4" in plan.values()
-                          else None, "symmetric": symmetric, "vision": vision, "modules": plan}
-    return plan
+    done = {n: m.mode for n, m in quantized_modules(model).items()}    # with any quantized at load
+    model.quantization = {"method": "foveal", "mode": mode, "group_size": group_size if "int4" in done.values()
+                          else None, "symmetric": symmetric, "vision": vision, "modules": done}
+    return done
+
+
+def quantize_from_checkpoint(model: nn.Module, sources: dict, dtype: torch.dtype, mode: str,
+                             group_size: int = DEFAULT_GROUP, symmetric: bool = False,
+                             skip: frozenset[str] = frozenset()) -> dict:
+    """Quantize-at-load without the float model: on a model still on the meta device, build each
+    planned linear straight from its checkpoint tensor, one at a time, and drop that tensor's file
+    pages before the next (`SafetensorsFile.release`), so memory peaks at the quantized model + the
+    parts that stay float + one layer, never the whole float model. Returns `sources` less the
+    tensors used; `load_into` loads the rest. Modules in `skip` (a tied head: its weight is the
+    embedding, loaded later) are left for `quantize_model`."""
+    plan = {n: m for n, m in plan_modules(model, mode, group_size).items() if n not in skip}
+    used = set()
+    for name, want in plan.items():
+        linear = model.get_submodule(name)
+        keys = [f"{name}.weight"] + ([f"{name}.bias"] if linear.bias is not None else [])
+        if any(k not in sources for k in keys):
+            continue                     # load_into names what is missing
+        tensors = []
+        for k in keys:
+            st, stored = sources[k]
+            info = st.tensors[stored]
+            if tuple(info.shape) != tuple(getattr(linear, k.rpartition(".")[2]).shape):
+                tensors = None           # load_into reports the shape mismatch
+                break
+            tensors.append(st.get(stored, dtype))
+        if tensors is None:
+            continue
+        float_linear = nn.Linear(linear.in_features, linear.out_features, bias=len(tensors) > 1, device="meta")
+        float_linear.weight = nn.Parameter(tensors[0], requires_grad=False)
+        if len(tensors) > 1:
+            float_linear.bias = nn.Parameter(tensors[1], requires_grad=False)
+        with torch.no_grad():
+            q = (Int4Linear.from_linear(float_linear, group_size, symmetric) if want == "int4"
+                 else Int8Linear.from_linear(float_linear))
+        q.pack()
+        _set_module(model, name, q)
+        del float_linear, tensors
+        for k in keys:
+            st, stored = sources[k]
+            if hasattr(st, "release"):
+                st.release(stored)
+            used.add(k)
+    return {k: v for k, v in sources.items() if k not in used}
 
 
 def set_fast_path(model: nn.Module, enabled: bool) -> None:

@@ -143,6 +143,12 @@ class SafetensorsFile:
         self._release(info)
         return out
 
+    def release(self, name: str) -> None:
+        """Drop the file pages of tensor `name` from this process's memory (it reads back from the
+        file if touched again): for callers that converted it and keep no view of it."""
+        if self._map is not None:
+            self._release(self.tensors[name])
+
     def _release(self, info: TensorInfo) -> None:
         page = mmap.PAGESIZE
         start = info.start // page * page
@@ -239,7 +245,8 @@ def load_into(model: torch.nn.Module, sources: dict[str, tuple[SafetensorsFile, 
     LM head). Float tensors are cast to `dtype`; integer ones keep theirs.
     """
     expected = dict(model.state_dict(keep_vars=True))
-    missing = [k for k in expected if k not in sources and k not in optional]
+    # tensors already materialised (layers quantized straight from the checkpoint) need no source
+    missing = [k for k in expected if k not in sources and k not in optional and expected[k].is_meta]
     if missing:
         files = sorted({str(st.path) for st, _ in sources.values()})
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
