@@ -19,10 +19,12 @@ Design decisions:
 - The runtime overhead (interpreter + torch + libraries + kernel caches) was measured, not
   guessed: the peak RSS of loading and running the tiny random model (`measure_overhead()`
   re-measures it). On CUDA it is the CUDA context and cuBLAS workspace, in GPU memory.
-- Quantizing a float checkpoint at load (`load(..., quant=)`) peaks above the steady state: the
-  float weights, the quantized copy and float32 temporaries of the largest matrix (the head) are
-  alive at once. `load_peak` counts it (llava-0.5b-shaped, int8: 4.36 GiB measured peak RSS,
-  4.22 GiB planned); the verdict uses the larger of the two.
+- Quantizing a float checkpoint at load (`load(..., quant=)`) builds one layer at a time from the
+  file (`quant.quantize_from_checkpoint`): it peaks at the quantized model so far plus one float
+  matrix (a converted copy when the file's dtype differs) and float32 temporaries of 4096 of its
+  rows. `load_peak` counts it; the verdict uses the larger of it and the steady state
+  (llava-0.5b-shaped, measured peak RSS after loading, bf16 file: int8 1.10 GiB, int4 1.15 GiB;
+  before this, when the whole float model was loaded first: 3.2 and 3.9 GiB).
 - A GPU that is too small gets a `--gpu-layers N` suggestion: the vision tower, the projector,
   the head, the activations and the overhead stay on the GPU, the token embedding stays on
   the CPU (as llama.cpp does), and N decoder layers with their share of the KV cache fit in
@@ -73,8 +75,7 @@ class Plan:
     overhead: int
     n_layers: int
     layer_bytes: int                   # one decoder layer's weights
-    load_peak: int = 0                 # quantizing at load: float weights + quantized copy + temporaries
-    load_reclaimable: int = 0          # of which clean checkpoint pages (mmap views) the kernel can drop
+    load_peak: int = 0                 # quantizing at load: weights + one float layer + its temporaries
     notes: list[str] = field(default_factory=list)
     gpu_layers: int | None = None      # set when a GPU budget is too small for the whole model
 
@@ -101,9 +102,8 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        """The most the process ever needs: `total`, or the load when it quantizes on the fly (less
-        the checkpoint pages the kernel can drop: they count in RSS but need no free memory)."""
-        return max(self.total, self.load_peak - self.load_reclaimable)
+        """The most the process ever needs: `total`, or the load when it quantizes on the fly."""
+        return max(self.total, self.load_peak)
 
     @property
     def fits(self) -> bool | None:
@@ -145,12 +145,9 @@ class Plan:
             lines.append(f"  {name:<18}{human_bytes(n):>12}{extra}")
         lines.append(f"  {'total':<18}{human_bytes(self.total):>12}")
         if self.load_peak > self.total:
-            lines.append(f"  {'load peak':<18}{human_bytes(self.load_peak):>12}  (quantizing at load: the float "
-                         f"weights, the quantized copy and temporaries; `foveal quantize` once and load the result "
-                         f"to avoid it)")
-            if self.load_reclaimable:
-                lines.append(f"  {'':<18}{'':>12}  ({human_bytes(self.load_reclaimable)} of it are checkpoint pages "
-                             f"the kernel can drop; needed at the peak: {human_bytes(self.peak)})")
+            lines.append(f"  {'load peak':<18}{human_bytes(self.load_peak):>12}  (quantizing at load: one float "
+                         f"layer and its temporaries on top of the quantized weights; `foveal quantize` once and "
+                         f"load the result to avoid it)")
         if self.memory is None:
             lines.append("verdict: unknown (no budget: pass --memory)")
         elif self.fits:
@@ -374,7 +371,7 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
     per_image = cfg.image_tokens_per_image
     if images * per_image >= ctx:
         raise ContextLengthError(images * per_image + 1, ctx, f"{images} image(s) (x {per_image} tokens)")
-    load_peak = reclaimable = 0
+    load_peak = 0
     saved = raw.get("quantization") if isinstance(raw.get("quantization"), dict) else None
     if saved:
         if mode != "none":
@@ -385,14 +382,13 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
     w = _weights(cfg, dbytes, mode, group)
     s = w["sizes"]
     if mode != "none" and not saved:
-        floats = _weights(cfg, dbytes, "none", None)["sizes"]
-        float_lm = floats["embedding"] + floats["layers"] + floats["head"]
-        # from_linear holds the weight in float32 plus about three float32 temporaries of it
-        stored = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("torch_dtype")
-        # a checkpoint already in the asked dtype is used through mmap views: its pages are clean
-        reclaimable = float_lm if stored and _dtype_name(stored, device) == dtype_name else 0
-        load_peak = (CPU_OVERHEAD_BYTES if device == "cpu" else CUDA_OVERHEAD_BYTES) + s["vision"] + s["projector"] \
-            + float_lm + s["layers"] + s["head"] + 4 * 4 * w["largest_quantized"]
+        from .quant.linear import BLOCK_ROWS
+        largest = w["largest_quantized"]
+        # one float matrix at a time, and float32 temporaries (the block, its scaled copy, codes: ~4
+        # of them) of BLOCK_ROWS of its rows
+        temporaries = 4 * 4 * min(largest, BLOCK_ROWS * max(t.hidden_size, t.intermediate_size))
+        load_peak = (CPU_OVERHEAD_BYTES if device == "cpu" else CUDA_OVERHEAD_BYTES) + sum(s.values()) \
+            + dbytes * largest + temporaries
     kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * ctx * dbytes
     p = Plan(device=device, dtype=dtype_name, quant=mode if mode == "none" or mode == "int8" else f"int4-g{group}",
              ctx=ctx, images=images, memory=budget, image_tokens_per_image=per_image, parameters=w["params"],
@@ -401,7 +397,7 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
              prefill_activations=_prefill_activations(cfg, ctx, ctx, images, dbytes),
              overhead=CUDA_OVERHEAD_BYTES if device == "cuda" else CPU_OVERHEAD_BYTES,
              n_layers=w["n_layers"], layer_bytes=s["layers"] // max(w["n_layers"], 1), load_peak=load_peak,
-             load_reclaimable=reclaimable if load_peak else 0, notes=notes)
+             notes=notes)
     if device == "cuda" and p.fits is False:
         p.gpu_layers = suggest_gpu_layers(p)
     return p
