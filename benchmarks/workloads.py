@@ -85,6 +85,9 @@ def build(name: str, root: Path, dtype=torch.bfloat16) -> Path:
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists() \
             and (folder / ".bench-stamp").exists() and (folder / ".bench-stamp").read_text() == stamp:
         return folder
+    import shutil
+    for stale in folder.glob("gguf-*"):        # exports of the model this one replaces
+        shutil.rmtree(stale)
     with torch.device("meta"), no_init_weights():
         model = VisionLanguageModel(cfg)
     state = {}
