@@ -266,27 +266,6 @@ def test_group_by_length_pads_less_and_keeps_every_example_once(world, bundled, 
     assert padded(again, 0)[0] == padded(grouped, 0)[0]                                 # and a seeded one
 
 
-def test_recipe_splits_conversations_into_single_turn_records(world):
-    """The recipe's stage-2 data: one record per question, so no answer is visible in the prompt
-    of another (see recipe.split_turns); every record still reads as LLaVA data."""
-    import shutil
-    from foveal.train.recipe import split_turns
-    path = world[0] / "split.json"
-    shutil.copy(instruct(world), path)
-    before = json.loads(path.read_text())
-    n = split_turns(path)
-    after = json.loads(path.read_text())
-    pairs = [(h["value"].removeprefix("<image>\n"), g["value"], r["image"]) for r in before
-             for h, g in zip(r["conversations"][::2], r["conversations"][1::2])]
-    assert n == len(after) == len(pairs) > len(before)
-    assert len({r["id"] for r in after}) == n
-    assert [(r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"], r["image"])
-            for r in after] == pairs
-    assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith("<image>\n")
-               for r in after)
-    assert len(read_records(path)) == n                  # valid LLaVA records, images found
-
-
 # ---- resume ---------------------------------------------------------------------------------
 def test_resume_continues_the_same_loss_curve(world, bundled, tmp_path):
     common = dict(stage="instruct", model=str(bundled), data=captions(world), lora=True, lora_dropout=0.1,
