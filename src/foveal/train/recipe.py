@@ -22,9 +22,6 @@ Design decisions:
 - A share of the instruct questions carries LLaVA's short-answer instruction ("Answer the question
   using a single word or phrase."), as LLaVA-1.5's VQA data does, so `foveal eval`'s default
   prompt and the bare question get the same answers. Descriptions never carry it.
-- Stage 2 trains on single-turn records, one per question (`split_turns`): in the multi-turn
-  conversations earlier answers gave later ones away and the model learnt to copy instead of
-  looking (measured: shape questions asked alone got "square" 88 % of the time).
 - Evaluation asks bare questions, greedy, with room for the longest description.
 """
 
@@ -68,11 +65,11 @@ class RecipeConfig:
     lm_share: float = 0.06
     align_share: float = 0.08
     eval_reserve_share: float = 0.04          # the held-out eval takes ~1 minute
-    # stage 2 (single-turn records: ~85 tokens each)
-    instruct_batch: int = 32
-    lr_lm: float = 2e-3
-    lr_projector: float = 2e-3
-    lr_vision: float = 2e-4
+    # stage 2
+    instruct_batch: int = 8
+    lr_lm: float = 1e-3
+    lr_projector: float = 1e-3
+    lr_vision: float = 1e-4
     save_dtype: str | None = None           # None: float32
     progress: bool = True
     stages: tuple[str, ...] = ("data", "clip", "lm", "assemble", "align", "instruct", "eval")
@@ -114,26 +111,6 @@ def add_short_answer_instruction(path: Path, share: float, seed: int) -> None:
     path.write_text(json.dumps(records))
 
 
-def split_turns(path: Path) -> int:
-    """Rewrite a LLaVA file so that every Q/A turn is its own single-turn record (same image).
-
-    In a multi-turn conversation about one scene, earlier turns give later answers away ("Is
-    there a blue circle?" "yes" ... "What shape is the blue object?"): the model learnt to copy
-    from the conversation instead of looking, and then answered a question asked alone (as
-    evaluation asks it) from its prior: "square" for 88 % of shape questions, training images
-    included. One turn per record leaves the image as the only source."""
-    records = json.loads(path.read_text())
-    out = []
-    for r in records:
-        turns = r["conversations"]
-        for k, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):
-            question = human["value"].removeprefix("<image>\n")
-            out.append({"id": f"{r['id']}-{k}", "image": r["image"],
-                        "conversations": [{"from": "human", "value": "<image>\n" + question}, gpt]})
-    path.write_text(json.dumps(out))
-    return len(out)
-
-
 def run_recipe(cfg: RecipeConfig) -> dict:
     from ..data import WorldConfig, write_dataset
     out = Path(cfg.output_dir)
@@ -160,9 +137,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         _say(f"data: {n_train} training scenes (seed {cfg.seed}), {cfg.eval_scenes} held-out scenes (seed {EVAL_SEED})")
         write_dataset(data_dir, n_train, cfg.seed, world, ("captions", "instruct", "corpus"))
         add_short_answer_instruction(data_dir / "llava_instruct.json", 0.3, cfg.seed)
-        n_records = split_turns(data_dir / "llava_instruct.json")
         write_dataset(eval_dir, cfg.eval_scenes, EVAL_SEED, world, ("vqa", "pope"))
-        stage_done("data", t0, train_scenes=n_train, instruct_records=n_records, eval_scenes=cfg.eval_scenes)
+        stage_done("data", t0, train_scenes=n_train, eval_scenes=cfg.eval_scenes)
 
     if "clip" in cfg.stages:
         from .clip import ClipConfig, train_clip
@@ -207,8 +183,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
 
     if "instruct" in cfg.stages:
         t0 = time.perf_counter()
-        # reading and tokenizing the records (~0.7 ms each, ~12 a scene) comes out of the same budget
-        left = budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_share * budget_s - 0.009 * n_train
+        # reading and tokenizing the records (~7 ms each) comes out of the same budget
+        left = budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_share * budget_s - 0.008 * n_train
         minutes = max(0.5, left / 60)
         _say(f"instruct: {minutes:.1f} minutes")
         result = train(TrainConfig(stage="instruct", model=str(out / "align"), data=str(data_dir / "llava_instruct.json"),
