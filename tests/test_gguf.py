@@ -308,17 +308,13 @@ def test_written_metadata_is_what_llama_cpp_reads(exported, tmp_path):
         assert "v.post_ln.weight" not in gf.tensors
 
 
-def test_bpe_without_merges_is_written_with_a_warning_llama_cpp_needs(tmp_path, caplog):
-    """llama.cpp refuses a gpt2-model vocabulary without merges; gguf cannot write an empty array,
-    so the export says so (foveal itself reads the file back)."""
+def test_bpe_without_merges_is_refused_with_a_clear_error(tmp_path):
+    """llama.cpp (and foveal's reader) refuse a gpt2-model vocabulary without merges, and gguf
+    cannot write an empty array: the export says so instead of writing a file nobody loads."""
     from foveal.bundled import build_random_model
     folder = build_random_model(tmp_path / "model")          # byte-level BPE: no merges at all
-    with caplog.at_level("WARNING", logger="foveal.weights.gguf_write"):
-        text_path, _ = write_gguf(read_hf_folder(folder), tmp_path / "out", type="f32")
-    assert "llama.cpp will refuse" in caplog.text
-    with GGUFFile(text_path) as gf:
-        assert "tokenizer.ggml.merges" not in gf.metadata
-    assert read_gguf(text_path).tokenizer_json
+    with pytest.raises(WeightsError, match="without merges"):
+        write_gguf(read_hf_folder(folder), tmp_path / "out", type="f32")
 
 
 # --- (4) llama.cpp's quantized types, written with gguf's own writer -----------------------

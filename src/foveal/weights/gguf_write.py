@@ -263,9 +263,10 @@ def _write_text_model(
         writer.add_token_scores(vocab.scores)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
-    elif vocab.model == "gpt2":      # gguf writes no empty arrays; foveal reads such a file, llama.cpp does not
-        log.warning("the tokenizer is a BPE without merges: llama.cpp will refuse this GGUF "
-                    "(\"cannot find tokenizer merges in model file\"); foveal reads it")
+    elif vocab.model == "gpt2":      # gguf cannot write an empty array, and no reader takes the file without
+        raise WeightsError("the tokenizer is a byte-level BPE without merges: a GGUF needs tokenizer.ggml.merges "
+                           "(llama.cpp refuses the file: \"cannot find tokenizer merges in model file\"); "
+                           "export a model whose tokenizer has at least one merge")
     for add_id, token_id in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
                              (writer.add_unk_token_id, vocab.unk_id), (writer.add_pad_token_id, vocab.pad_id)):
         if token_id is not None:
