@@ -116,16 +116,10 @@ def quantize_from_checkpoint(model: nn.Module, sources: dict, dtype: torch.dtype
         keys = [f"{name}.weight"] + ([f"{name}.bias"] if linear.bias is not None else [])
         if any(k not in sources for k in keys):
             continue                     # load_into names what is missing
-        tensors = []
-        for k in keys:
-            st, stored = sources[k]
-            info = st.tensors[stored]
-            if tuple(info.shape) != tuple(getattr(linear, k.rpartition(".")[2]).shape):
-                tensors = None           # load_into reports the shape mismatch
-                break
-            tensors.append(st.get(stored, dtype))
-        if tensors is None:
-            continue
+        if any(tuple(sources[k][0].tensors[sources[k][1]].shape) != tuple(getattr(linear, k.rpartition(".")[2]).shape)
+               for k in keys):
+            continue                     # load_into reports the shape mismatch (nothing taken from sources yet)
+        tensors = [st.get(stored, dtype) for st, stored in (sources[k] for k in keys)]
         float_linear = nn.Linear(linear.in_features, linear.out_features, bias=len(tensors) > 1, device="meta")
         float_linear.weight = nn.Parameter(tensors[0], requires_grad=False)
         if len(tensors) > 1:
