@@ -130,3 +130,84 @@ def test_stream_decoder_never_emits_broken_utf8(tmp_path):
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
+
+
+# ---- CPU matmul routing (models/cpu.py) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def vlm_bf16(tmp_path_factory):
+    return foveal.load(tiny.build_llava(tmp_path_factory.mktemp("engine_bf16")), dtype="bfloat16")
+
+
+def _onednn_seen(vlm):
+    """Record, for every LM linear call, (rows, whether oneDNN was on) while the hook is set."""
+    import torch
+    seen = []
+
+    def hook(mod, args):
+        x = args[0]
+        seen.append((x.numel() // x.shape[-1], torch._C._get_mkldnn_enabled()))
+    handles = [m.register_forward_pre_hook(hook) for m in (vlm.model.lm_head,
+                                                          vlm.model.language_model.layers[0].mlp.up_proj)]
+    return seen, handles
+
+
+def test_bf16_decode_runs_without_onednn_and_prefill_with_it(vlm_bf16):
+    import torch
+    seen, handles = _onednn_seen(vlm_bf16)
+    try:
+        vlm_bf16.unload()
+        vlm_bf16.generate(ask(), max_tokens=5)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch._C._get_mkldnn_enabled()                # restored afterwards
+    many = [on for rows, on in seen if rows > 1]
+    one = [on for rows, on in seen if rows == 1]
+    assert many and all(many)                            # prefill: oneDNN
+    assert len(one) >= 5 and not any(one)                # last-position head + decode steps: PyTorch's gemv
+
+
+def test_onednn_switch_respects_the_user_and_exceptions(vlm_bf16):
+    import torch
+    from foveal.models.cpu import matmuls
+    x = torch.zeros(1, 1, 4, dtype=torch.bfloat16)
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        with matmuls(x, rows=1):
+            assert not torch._C._get_mkldnn_enabled()
+        assert not torch._C._get_mkldnn_enabled()        # the user's choice is kept
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with matmuls(x, rows=1):
+            raise RuntimeError("boom")
+    assert torch._C._get_mkldnn_enabled()
+    with matmuls(x.float(), rows=1):                     # float32 keeps MKL's kernels
+        assert torch._C._get_mkldnn_enabled()
+
+
+def test_prefill_in_another_thread_never_runs_in_the_decode_window(vlm_bf16, tmp_path):
+    """The switch is process-wide: a second model prefilling while the first decodes must still
+    get oneDNN for its many-row matmuls."""
+    import torch
+    other = foveal.load(tiny.build_llava(tmp_path / "other"), dtype="bfloat16")
+    seen, handles = _onednn_seen(other)
+    stop = threading.Event()
+
+    def decode_loop():
+        while not stop.is_set():
+            vlm_bf16.unload()
+            vlm_bf16.generate(ask(), max_tokens=8)
+    t = threading.Thread(target=decode_loop)
+    t.start()
+    try:
+        for _ in range(6):
+            other.unload()
+            other.generate(ask(), max_tokens=2)
+    finally:
+        stop.set()
+        t.join()
+        for h in handles:
+            h.remove()
+    many = [on for rows, on in seen if rows > 1]
+    assert len(many) >= 6 and all(many)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import VLMConfig
 from ..errors import PromptError
+from .cpu import matmuls
 from .projector import Projector
 from .text import TextModel
 from .vision import VisionTower
@@ -54,7 +55,8 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) -> image embeddings (N, tokens_per_image, D_text)."""
-        return self.project(self.image_features(pixels))
+        with matmuls(pixels, rows=pixels.shape[0] * max(self.cfg.image_tokens_per_image, 2)):
+            return self.project(self.image_features(pixels))
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +75,10 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) for the last position."""
-        h = self.language_model(embeds, input_pos)
+        B, T = embeds.shape[:2]
+        with matmuls(embeds, rows=B * T):
+            h = self.language_model(embeds, input_pos)
         if last_only:
             h = h[:, -1].unsqueeze(1)       # contiguous (B, 1, D): a strided view made F.linear copy the head
-        return self.lm_head(h)
+        with matmuls(h, rows=h.shape[0] * h.shape[1]):
+            return self.lm_head(h)
