@@ -75,3 +75,35 @@ def test_cli_export_writes_loadable_gguf(exported, tmp_path):
     assert len(files) == 2 and any("mmproj" in f for f in files)
     vlm = foveal.load(out, dtype="float32")
     assert vlm.generate([foveal.user("Hi", images=[IMG])], max_tokens=4).stats.generated_tokens >= 1
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_gguf_load_converts_one_linear_weight_at_a_time(exported, monkeypatch, quant):
+    """Issue: loading must not hold more than one full-precision copy of a tensor at a time. With
+    quant=, a GGUF's layer weights are dequantized when the loader takes them, and each is dropped
+    (quantized) before the next is converted: the whole model never exists in full precision."""
+    import weakref
+
+    import torch
+    from foveal.weights.gguf import GGUFFile
+    folder, model, mmproj = exported
+    original = GGUFFile.tensor
+    alive: list = []            # weak references to the layer weights converted so far
+    peak = [0]
+
+    def spy(self, name, dtype, row_order=None):
+        out = original(self, name, dtype, row_order)
+        if name.startswith("blk.") and name.endswith(".weight") and out.dim() == 2:
+            peak[0] = max(peak[0], sum(r() is not None for r in alive))
+            alive.append(weakref.ref(out))
+        return out
+    monkeypatch.setattr(GGUFFile, "tensor", spy)
+    vlm = foveal.load(model, mmproj=mmproj, dtype="float32", quant=quant)
+    n_layer_weights = 7 * vlm.config.text.num_hidden_layers
+    assert len(alive) == n_layer_weights
+    if quant:
+        assert peak[0] == 0                      # each was quantized and freed before the next
+    else:
+        assert peak[0] == n_layer_weights - 1    # float32: the model keeps every one
+    with torch.inference_mode():
+        assert vlm.generate([foveal.user("Hi", images=[IMG])], max_tokens=3).token_ids

@@ -28,6 +28,9 @@ Design decisions
 - Tensors are converted one at a time: a view of the mapped bytes, rows reordered if needed
   (still quantized), dequantized by `gguf.quants` (vectorised numpy) to float32, then cast to
   the requested dtype: at most one full-precision copy besides the output is alive.
+- The text model's tensors are converted when the loader takes them, not when the file is
+  read (`LazyTensors`): loading a Q4_K file with `quant="int4"` holds one dequantized tensor
+  at a time, never the whole model in bf16. The file stays mapped until the last is taken.
 - llama-arch q/k weights are stored permuted by llama.cpp (interleaved rotary pairs); the
   permutation is undone on read and applied on write, on the (still quantized) rows.
 """
@@ -41,6 +44,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import gguf
@@ -49,6 +53,41 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from foveal.errors import UnsupportedModelError, WeightsError
+
+
+class LazyTensors(Mapping):
+    """name -> tensor, made when asked for: each lookup converts again, `pop` hands one over.
+    Shapes and dtypes are known without converting anything."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]] = {}
+
+    def add(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> None:
+        self._entries[name] = (tuple(shape), dtype, make)
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self._entries[name] = (tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+    def prefixed(self, prefix: str) -> "LazyTensors":
+        out = LazyTensors()
+        out._entries = {prefix + k: v for k, v in self._entries.items()}
+        return out
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        shape, dtype, _ = self._entries[name]
+        return shape, dtype
+
+    def pop(self, name: str) -> torch.Tensor:
+        return self._entries.pop(name)[2]()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._entries[name][2]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass
@@ -62,7 +101,7 @@ class HFCheckpoint:
     """
 
     config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]     # a dict, or LazyTensors (read from a GGUF)
     tokenizer_json: str
     tokenizer_config: dict[str, Any] = field(default_factory=dict)
     preprocessor_config: dict[str, Any] | None = None

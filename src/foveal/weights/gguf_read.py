@@ -24,6 +24,7 @@ Design decisions
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -37,7 +38,7 @@ from gguf import Keys
 from foveal.errors import UnsupportedModelError, WeightsError
 from foveal.weights.gguf import (
     LLAVA_TEXT_PREFIX, LLAVA_VISION_PREFIX, PROJECTOR_NAMES, TEXT_BLOCK_NAMES,
-    TEXT_GLOBAL_NAMES, VISION_BLOCK_NAMES, VISION_GLOBAL_NAMES, GGUFFile, HFCheckpoint, SplitGGUF,
+    TEXT_GLOBAL_NAMES, VISION_BLOCK_NAMES, VISION_GLOBAL_NAMES, GGUFFile, HFCheckpoint, LazyTensors, SplitGGUF,
     llama3_rope_factors, llama_qk_order, meta_bool, meta_str, open_gguf, short_float,
 )
 from foveal.weights.gguf_tokenizer import add_image_token, tokenizer_from_vocab, vocab_from_metadata
@@ -75,7 +76,8 @@ _HF_TEXT_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: torch.dtype) -> HFCheckpoint:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, not {dtype}")
-    with open_gguf(text_path) as text:  # a split model: its first shard
+    text = open_gguf(text_path)  # a split model: its first shard; stays open for the lazy tensors
+    try:
         arch = meta_str(text.metadata, Keys.General.ARCHITECTURE)
         if arch == "clip":
             raise WeightsError(
@@ -89,6 +91,9 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
             )
         config, tensors = _read_text_model(text, arch, dtype)
         vocab = vocab_from_metadata(text.metadata, config["vocab_size"])
+    except BaseException:
+        text.close()
+        raise
     tokenizer_json, tokenizer_config = tokenizer_from_vocab(vocab)
     tokenizer_config["model_max_length"] = config["max_position_embeddings"]
     for key, token_id in (("bos_token_id", vocab.bos_id), ("eos_token_id", vocab.eos_id),
@@ -123,12 +128,13 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
         "text_config": text_config,
         "vision_config": vision_config,
     }
-    all_tensors = {LLAVA_TEXT_PREFIX + k: v for k, v in tensors.items()}
-    all_tensors.update(vision_tensors)
+    all_tensors = tensors.prefixed(LLAVA_TEXT_PREFIX)
+    for k, v in vision_tensors.items():
+        all_tensors.add_tensor(k, v)
     return HFCheckpoint(llava_config, all_tensors, tokenizer_json, tokenizer_config, preprocessor)
 
 
-def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) -> tuple[dict[str, Any], LazyTensors]:
     meta, names = gf.metadata, gf.tensors
     blocks: dict[int, set[str]] = {}
     for name in names:
@@ -212,10 +218,13 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
     else:
         config.update(use_sliding_window=False)
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = LazyTensors()    # converted when the loader takes them (see gguf.py)
+
+    def lazy(hf_name: str, name: str, order=None) -> None:
+        tensors.add(hf_name, names[name].shape, dtype, functools.partial(gf.tensor, name, dtype, order))
     for gguf_name, hf_name in TEXT_GLOBAL_NAMES.items():
         if f"{gguf_name}.weight" in names:
-            tensors[f"{hf_name}.weight"] = gf.tensor(f"{gguf_name}.weight", dtype)
+            lazy(f"{hf_name}.weight", f"{gguf_name}.weight")
     orders = {}
     if arch == "llama":  # undo llama.cpp's q/k row permutation
         orders = {"attn_q": llama_qk_order(q_rows, heads), "attn_k": llama_qk_order(kv_rows, kv_heads)}
@@ -225,10 +234,10 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
             for kind in ("weight", "bias"):
                 name = f"blk.{i}.{key}.{kind}"
                 if name in names:
-                    tensors[f"model.layers.{i}.{hf}.{kind}"] = gf.tensor(name, dtype, orders.get(key))
+                    lazy(f"model.layers.{i}.{hf}.{kind}", name, orders.get(key))
                 elif arch == "llama" and present_biases and f"{key}.bias" in biases and kind == "bias":
                     # HF's attention_bias is all-or-nothing; a missing bias is an exact zero
-                    tensors[f"model.layers.{i}.{hf}.bias"] = torch.zeros(biases[f"{key}.bias"], dtype=dtype)
+                    tensors.add_tensor(f"model.layers.{i}.{hf}.bias", torch.zeros(biases[f"{key}.bias"], dtype=dtype))
     return config, tensors
 
 

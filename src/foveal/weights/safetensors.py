@@ -186,12 +186,17 @@ def _tensor_info(path: Path, name: str, entry, base: int, size: int) -> TensorIn
 
 
 class MemoryCheckpoint:
-    """Tensors already in memory (a converted GGUF), with SafetensorsFile's lookup interface."""
+    """Tensors in memory, or made on request (a GGUF's `LazyTensors`), with SafetensorsFile's
+    lookup interface."""
 
-    def __init__(self, origin: str, tensors: dict[str, torch.Tensor]):
+    def __init__(self, origin: str, tensors):
         self.path = origin
         self._tensors = tensors
-        self.tensors = {k: TensorInfo(Path(origin), k, t.dtype, tuple(t.shape), 0, 0) for k, t in tensors.items()}
+        meta = tensors.meta if hasattr(tensors, "meta") else (lambda k: (tuple(tensors[k].shape), tensors[k].dtype))
+        self.tensors = {}
+        for k in tensors:
+            shape, dtype = meta(k)
+            self.tensors[k] = TensorInfo(Path(origin), k, dtype, tuple(shape), 0, 0)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._tensors.pop(name)        # hand the tensor over: the model keeps the only reference
