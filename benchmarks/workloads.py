@@ -121,7 +121,9 @@ def export_gguf(folder: Path, kind: str) -> tuple[Path, Path]:
     if done.exists():
         paths = json.loads(done.read_text())
         return Path(paths[0]), Path(paths[1])
-    model, mmproj = write_gguf(read_hf_folder(folder), out, type=kind)
+    # the head in Q8_0 under q8_0 too (the export's default keeps it F16): foveal int8 reads an
+    # int8 head, so both engines read the same bytes per token
+    model, mmproj = write_gguf(read_hf_folder(folder), out, type=kind, head_type="q8_0" if kind == "q8_0" else None)
     done.write_text(json.dumps([str(model), str(mmproj)]))
     return model, mmproj
 

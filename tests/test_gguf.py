@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors, trainers
 
-from foveal.errors import FovealError, UnsupportedModelError, WeightsError
+from foveal.cli import main as cli_main
+from foveal.errors import ConfigError, FovealError, UnsupportedModelError, WeightsError
 from foveal.weights.gguf import TEXT_BLOCK_NAMES, HFCheckpoint, read_gguf, read_hf_folder, write_gguf
 from foveal.weights.gguf import GGUFFile, llama_qk_order
 from foveal.weights.gguf_tokenizer import QWEN2_SPLIT
@@ -249,10 +250,35 @@ def test_quantized_export_dequantizes_close_to_the_original(type_, bound, export
     assert worst <= bound
     with GGUFFile(text_path) as gf:
         assert gf.tensors["blk.0.ffn_up.weight"].qtype == Q[type_.upper()]
-        assert gf.tensors["output.weight"].qtype == Q.Q8_0  # the head keeps 8 bits under q4_0
+        # the head keeps more bits: F16 under q8_0, Q8_0 under q4_0 (as llama-quantize keeps `output`)
+        assert gf.tensors["output.weight"].qtype == {"q8_0": Q.F16, "q4_0": Q.Q8_0}[type_]
         assert gf.metadata["general.file_type"] == {"q8_0": 7, "q4_0": 2}[type_]
     with GGUFFile(mmproj_path) as gf:  # the vision side is never quantized
         assert gf.tensors["v.blk.0.attn_q.weight"].qtype == Q.F16
+
+
+@pytest.mark.parametrize("kind, tied", [("llava-clip-llama", False), ("llava-siglip-qwen2", True)])
+def test_head_type_picks_the_output_heads_type(kind, tied, exported, tmp_path):
+    """`head_type=` (CLI --head-type) sets the output head's type, or the tied embedding's that
+    serves as the head; every other weight keeps --type. A bad name is refused."""
+    _, _, folder = exported[kind]
+    head = "token_embd.weight" if tied else "output.weight"
+    text_path, _ = write_gguf(read_hf_folder(folder), tmp_path / "a", type="q8_0", head_type="q8_0")
+    with GGUFFile(text_path) as gf:
+        assert gf.tensors[head].qtype == Q.Q8_0
+        assert gf.tensors["blk.0.attn_q.weight"].qtype == Q.Q8_0
+        if not tied:
+            assert gf.tensors["token_embd.weight"].qtype == Q.Q8_0
+    text_path, _ = write_gguf(read_hf_folder(folder), tmp_path / "b", type="q8_0")
+    with GGUFFile(text_path) as gf:
+        assert gf.tensors[head].qtype == Q.F16
+    assert cli_main(["export", str(folder), "--gguf", str(tmp_path / "c"), "--type", "q4_0",
+                     "--head-type", "f16"]) == 0
+    with GGUFFile(next((tmp_path / "c").glob("model-*.gguf"))) as gf:
+        assert gf.tensors[head].qtype == Q.F16
+        assert gf.tensors["blk.0.ffn_up.weight"].qtype == Q.Q4_0
+    with pytest.raises(ConfigError, match="head type"):
+        write_gguf(read_hf_folder(folder), tmp_path / "d", type="q8_0", head_type="q2_k")
 
 
 # --- (3) tokenizers ------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def cmd_export(args) -> int:
     found = resolve(args.model)
     if found.kind != "hf":
         raise FovealError(f"{args.model} is already a GGUF model; export takes a Hugging Face-format folder")
-    model, mmproj = write_gguf(read_hf_folder(found.path), args.gguf, type=args.type)
+    model, mmproj = write_gguf(read_hf_folder(found.path), args.gguf, type=args.type, head_type=args.head_type)
     print(f"wrote {model}" + (f" and {mmproj}" if mmproj else ""))
     return 0
 
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--gguf", required=True, metavar="OUT_DIR", help="folder to write the .gguf files into")
     p.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0", "q4_0"))
+    p.add_argument("--head-type", default=None, choices=("f32", "f16", "q8_0", "q4_0"),
+                   help="type of the output head / tied embedding (default: f16 for q8_0, q8_0 for q4_0, "
+                        "else --type), like llama-quantize's --output-tensor-type")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ls", help="models found in the HF cache, the Ollama store and LM Studio's folders")

@@ -520,17 +520,19 @@ def read_gguf(
 
 
 def write_gguf(
-    ckpt: HFCheckpoint, out_dir: str | Path, *, type: str = "f16"  # noqa: A002 - the CLI's name
+    ckpt: HFCheckpoint, out_dir: str | Path, *, type: str = "f16",  # noqa: A002 - the CLI's name
+    head_type: str | None = None,
 ) -> tuple[Path, Path | None]:
     """Write `ckpt` as llama.cpp files in `out_dir`: the text model and, for a VLM, the mmproj.
 
     `type` is the text model's tensor type: f32, f16, q8_0 or q4_0 (norms and other 1-D
-    tensors stay f32, as llama.cpp keeps them). The mmproj is f32 for `type="f32"`, else f16.
-    Returns (text_path, mmproj_path or None).
+    tensors stay f32, as llama.cpp keeps them). `head_type` is the output head's (or the tied
+    embedding's) type; by default f16 under q8_0 and q8_0 under q4_0, else `type`.
+    The mmproj is f32 for `type="f32"`, else f16. Returns (text_path, mmproj_path or None).
     """
     from foveal.weights.gguf_write import write_gguf as _write
 
-    return _write(ckpt, out_dir, type=type)
+    return _write(ckpt, out_dir, type=type, head_type=head_type)
 
 
 def read_hf_folder(path: str | Path) -> HFCheckpoint:
