@@ -87,6 +87,46 @@ def test_world_tokenizer_covers_every_caption():
             assert "<unk>" not in tok.encode(caption).tokens, caption
 
 
+def test_region_batches_pool_each_objects_patches_and_name_its_phrase():
+    from tokenizers import Tokenizer
+
+    from foveal.data import generate
+    from foveal.data.language import object_phrase
+    from foveal.train.clip import CaptionBatcher
+    cfg = ClipConfig(output_dir="unused", region_weight=1.0, **TINY_CLIP)      # 48 px, patch 8: a 6x6 grid
+    tok = Tokenizer.from_str(world_tokenizer())
+    scenes = [e.scene for e in generate(5, seed=4, config=CaptionBatcher(cfg, tok, 4).world)]
+    pool, ids, mask, target = CaptionBatcher(cfg, tok, 4).regions(scenes)
+    objects = [(b, o) for b, s in enumerate(scenes) for o in s.objects]
+    assert pool.shape == (len(objects), 5 * 36) and torch.allclose(pool.sum(1), torch.ones(len(objects)))
+    phrases = [tok.decode([i for i, m in zip(row, keep) if m]) for row, keep in zip(ids.tolist(), mask.tolist())]
+    assert len(set(phrases)) == len(phrases)                          # each distinct phrase once
+    for r, (b, o) in enumerate(objects):
+        touched = pool[r].nonzero().flatten()
+        assert all(b * 36 <= i < (b + 1) * 36 for i in touched.tolist())   # only its own image's patches
+        x0, y0, x1, y1 = o.bbox
+        cx, cy = (x0 + x1) // 2 // 8, (y0 + y1) // 2 // 8                  # the patch under its centre
+        assert b * 36 + cy * 6 + cx in touched.tolist()
+        assert phrases[target[r]] == object_phrase(o)
+
+
+def test_clip_with_region_phrases_trains(tmp_path):
+    from tokenizers import Tokenizer
+
+    from foveal.train.clip import CaptionBatcher, ClipModel, init_weights
+    cfg = ClipConfig(output_dir=str(tmp_path), max_steps=3, lr=3e-3, region_weight=0.5, **TINY_CLIP)
+    tok = Tokenizer.from_str(world_tokenizer())
+    pixels, ids, mask, _, regions = CaptionBatcher(cfg, tok, 0).batch(0, 6, regions=True)
+    model = ClipModel(cfg, tok.get_vocab_size())
+    init_weights(model)
+    with torch.no_grad():
+        plain, logits = model(pixels, ids, mask)
+        both, _ = model(pixels, ids, mask, regions)
+    assert logits.shape == (6, 6) and both.item() > plain.item()       # the region term is added
+    report = train_clip(cfg)
+    assert report["steps"] == 3 and json.loads((tmp_path / "train_config.json").read_text())["region_weight"] == 0.5
+
+
 def test_assemble_builds_a_llava_that_transformers_answers_the_same(clip_dir, lm_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 

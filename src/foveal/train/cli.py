@@ -118,6 +118,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--eval-size", type=int, default=256, help="held-out pairs for zero-shot retrieval")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--seed", type=int, default=0, help="world seed of the training pairs")
+    p.add_argument("--region-weight", type=float, default=0.0,
+                   help="also contrast each object's patches with the batch's object phrases, with this weight")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_clip)
 
@@ -219,7 +221,8 @@ def cmd_clip(args) -> int:
                                    text_width=args.text_width, text_layers=args.text_layers,
                                    embed_dim=args.embed_dim, batch_size=args.batch_size, max_steps=args.max_steps,
                                    minutes=args.minutes, lr=args.lr, eval_size=args.eval_size,
-                                   precision=args.precision, seed=args.seed, progress=not args.no_progress))
+                                   precision=args.precision, seed=args.seed, region_weight=args.region_weight,
+                                   progress=not args.no_progress))
     print(json.dumps(report["retrieval"]))
     return 0
 

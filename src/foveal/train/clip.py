@@ -24,6 +24,15 @@ Design decisions:
   styles (the canonical one half of the time: it names sizes, positions and text, which is what
   the tower must learn to see). Retrieval is measured on a held-out batch from another seed,
   with canonical captions.
+- Region-phrase contrast (`region_weight`, after RegionCLIP / GLIP's region-word alignment):
+  besides the whole image against its caption, the patches under each object (mean of the last
+  layer's patch states under its box, through the same layernorm and projection) are contrasted
+  with the distinct object phrases of the batch ("small red circle", ...), and the two losses
+  are added. With whole-image captions only, in-batch negatives are told apart by colour and
+  position, so the tower learnt colour and barely shape: a linear probe on the patches under an
+  object read its colour at 99.9 % but its shape (6 classes) at ~50 %, and a LLaVA cannot name
+  what its tower does not encode. (Hard-negative captions with one shape changed, NegCLIP-style,
+  were tried first: in the same 5.5 minutes retrieval fell to 3.5 % and the shape probe to 46 %.)
 - Preprocessing is the same `CLIPImageProcessor` arithmetic inference uses (`preprocess_batch`),
   and `preprocessor_config.json` is written with the tower.
 """
@@ -72,6 +81,7 @@ class ClipConfig:
     precision: str = "auto"
     seed: int = 0
     eval_size: int = 256
+    region_weight: float = 0.0          # weight of the region-phrase loss (0: whole images only; see above)
     progress: bool = True
 
     def __post_init__(self):
@@ -130,22 +140,33 @@ class ClipModel(nn.Module):
         self.visual_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.region_weight = cfg.region_weight
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        states = self.vision_model(pixels)[0]                              # (B, 1 + P, D)
-        pooled = self.post_layernorm(states[:, 1:].mean(1))                # (B, D)
-        return F.normalize(self.visual_projection(pooled).float(), dim=-1)
+        return self._embed(self.vision_model(pixels)[0][:, 1:].mean(1))    # mean of the patch states
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_projection(self.text_model(ids, mask)).float(), dim=-1)
 
-    def forward(self, pixels, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (loss, image-to-text logits (B, B))."""
-        img, txt = self.encode_image(pixels), self.encode_text(ids, mask)
-        logits = self.logit_scale.exp() * img @ txt.t()                  # (B_img, B_txt)
+    def forward(self, pixels, ids, mask, regions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss, image-to-text logits (B, B)). regions: (pool, phrase_ids, phrase_mask, target),
+        see `CaptionBatcher.regions`; adds `region_weight` x the region-phrase loss."""
+        states = self.vision_model(pixels)[0][:, 1:]                      # (B, P, D)
+        img = self._embed(states.mean(1))
+        txt = self.encode_text(ids, mask)
+        scale = self.logit_scale.exp()
+        logits = scale * img @ txt.t()                                    # (B_img, B_txt)
         target = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        if regions is not None:
+            pool, phrase_ids, phrase_mask, region_target = regions
+            region = self._embed(pool @ states.reshape(-1, states.shape[-1]))    # (R, E)
+            phrase = self.encode_text(phrase_ids, phrase_mask)                   # (U, E) distinct phrases
+            loss = loss + self.region_weight * F.cross_entropy(scale * region @ phrase.t(), region_target)
         return loss, logits
+
+    def _embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual_projection(self.post_layernorm(pooled)).float(), dim=-1)
 
 
 def world_tokenizer() -> str:
@@ -191,22 +212,47 @@ class CaptionBatcher:
         self.processor = ImageProcessorConfig.from_hf(image_processor_config(cfg.image_size))
         self.pad = tokenizer.token_to_id("<pad>")
 
-    def batch(self, start: int, n: int, canonical: bool = False):
+    def batch(self, start: int, n: int, canonical: bool = False, regions: bool = False):
+        """-> (pixels, ids, mask, texts), plus `regions(...)` of the same scenes when asked."""
         from ..data import generate
         from ..processing.images import preprocess_batch
         examples = list(generate(n, self.seed, self.world, start))
         rng = random.Random(self.seed * 1_000_003 + start)
         texts = [e.captions[0] if canonical or rng.random() < 0.5 else rng.choice(e.captions[1:]) for e in examples]
         pixels = preprocess_batch([e.image for e in examples], self.processor)
+        out = (pixels, *self._tokens(texts), texts)
+        return out + (self.regions([e.scene for e in examples]),) if regions else out
+
+    def regions(self, scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every object of the scenes: (pool (R, B*P): mean over the patches its box touches,
+        phrase ids / mask (U, T) of the batch's distinct object phrases, target (R,) its phrase)."""
+        from ..data.language import object_phrase
+        grid = self.cfg.image_size // self.cfg.patch_size
+        P = grid * grid
+        rows, phrases, target = [], {}, []
+        for b, scene in enumerate(scenes):
+            cell = scene.image_size / grid               # pixels per patch on the rendered image
+            for o in scene.objects:
+                x0, y0, x1, y1 = o.bbox
+                c0, c1 = int(x0 // cell), min(grid - 1, int(x1 // cell))
+                r0, r1 = int(y0 // cell), min(grid - 1, int(y1 // cell))
+                rows.append([b * P + r * grid + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)])
+                target.append(phrases.setdefault(object_phrase(o), len(phrases)))
+        pool = torch.zeros(len(rows), len(scenes) * P)
+        for i, idx in enumerate(rows):
+            pool[i, idx] = 1.0 / len(idx)
+        return (pool, *self._tokens(list(phrases)), torch.tensor(target))
+
+    def _tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encs = self.tok.encode_batch(texts, add_special_tokens=False)
-        T = min(self.cfg.text_max_len, max(len(e.ids) for e in encs))
+        n, T = len(texts), min(self.cfg.text_max_len, max(len(e.ids) for e in encs))
         ids = torch.full((n, T), self.pad, dtype=torch.long)
         mask = torch.zeros((n, T), dtype=torch.bool)
         for i, e in enumerate(encs):
             k = min(T, len(e.ids))
             ids[i, :k] = torch.tensor(e.ids[:k])
             mask[i, :k] = True
-        return pixels, ids, mask, texts
+        return ids, mask
 
 
 @torch.no_grad()
@@ -289,11 +335,12 @@ def train_clip(cfg: ClipConfig) -> dict:
     budget_s = cfg.minutes * 60 if cfg.minutes else None
     for step in range(total):
         factor = budget_lr_factor(step, total, warmup, time.perf_counter() - t0, budget_s)
-        pixels, ids, mask, _ = train_data.batch(step * cfg.batch_size, cfg.batch_size)
+        pixels, ids, mask, _, *regions = train_data.batch(step * cfg.batch_size, cfg.batch_size,
+                                                          regions=cfg.region_weight > 0)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * factor
         with autocast:
-            loss, _ = model(pixels, ids, mask)
+            loss, _ = model(pixels, ids, mask, *regions)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

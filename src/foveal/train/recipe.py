@@ -62,6 +62,7 @@ class RecipeConfig:
     vocab_size: int = 512
     # budget shares (of the whole recipe)
     clip_share: float = 0.10
+    clip_region_weight: float = 1.0           # region-phrase contrast in the CLIP stage (train/clip.py)
     lm_share: float = 0.06
     align_share: float = 0.08
     eval_reserve_share: float = 0.04          # the held-out eval takes ~1 minute
@@ -147,7 +148,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                                        patch_size=cfg.patch_size, vision_width=cfg.vision_width,
                                        vision_layers=cfg.vision_layers, vision_heads=max(1, cfg.vision_width // 32),
                                        max_steps=100_000, minutes=cfg.minutes * cfg.clip_share, seed=cfg.seed,
-                                       progress=cfg.progress, **cfg.extra.get("clip", {})))
+                                       progress=cfg.progress,
+                                       **{"region_weight": cfg.clip_region_weight, **cfg.extra.get("clip", {})}))
         stage_done("clip", t0, steps=report["steps"], final_loss=report["final_loss"],
                    retrieval=report["retrieval"])
 
