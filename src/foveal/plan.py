@@ -289,8 +289,12 @@ def _weights(cfg, dbytes: int, quant: str, group: int | None) -> dict:
         if name in quantized_params or (part == "head" and tied):
             continue
         sizes[part] += p.numel() * dbytes
-    largest = max((m.in_features * m.out_features for n, m in model.named_modules() if n in modes), default=0)
-    return {"sizes": sizes, "params": params, "n_layers": cfg.text.num_hidden_layers, "largest_quantized": largest}
+    from .quant.linear import BLOCK_ROWS
+    planned = [m for n, m in model.named_modules() if n in modes]
+    largest = max((m.in_features * m.out_features for m in planned), default=0)
+    block = max((min(m.out_features, BLOCK_ROWS) * m.in_features for m in planned), default=0)
+    return {"sizes": sizes, "params": params, "n_layers": cfg.text.num_hidden_layers, "largest_quantized": largest,
+            "largest_block": block}
 
 
 def _vision_activations(cfg, images: int, dbytes: int) -> int:
@@ -382,13 +386,11 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
     w = _weights(cfg, dbytes, mode, group)
     s = w["sizes"]
     if mode != "none" and not saved:
-        from .quant.linear import BLOCK_ROWS
-        largest = w["largest_quantized"]
-        # one float matrix at a time, and float32 temporaries (the block, its scaled copy, codes: ~4
-        # of them) of BLOCK_ROWS of its rows
-        temporaries = 4 * 4 * min(largest, BLOCK_ROWS * max(t.hidden_size, t.intermediate_size))
+        # one float matrix at a time, and float32 temporaries of BLOCK_ROWS of its rows (the block,
+        # its scaled copy, the rounded codes: 3 alive at once)
+        temporaries = 3 * 4 * w["largest_block"]
         load_peak = (CPU_OVERHEAD_BYTES if device == "cpu" else CUDA_OVERHEAD_BYTES) + sum(s.values()) \
-            + dbytes * largest + temporaries
+            + dbytes * w["largest_quantized"] + temporaries
     kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * ctx * dbytes
     p = Plan(device=device, dtype=dtype_name, quant=mode if mode == "none" or mode == "int8" else f"int4-g{group}",
              ctx=ctx, images=images, memory=budget, image_tokens_per_image=per_image, parameters=w["params"],
