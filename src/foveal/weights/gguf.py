@@ -42,9 +42,9 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import gguf

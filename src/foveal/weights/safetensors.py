@@ -186,17 +186,15 @@ def _tensor_info(path: Path, name: str, entry, base: int, size: int) -> TensorIn
 
 
 class MemoryCheckpoint:
-    """Tensors in memory, or made on request (a GGUF's `LazyTensors`), with SafetensorsFile's
-    lookup interface."""
+    """A GGUF's tensors, made on request (`LazyTensors`), with SafetensorsFile's lookup interface."""
 
     def __init__(self, origin: str, tensors):
         self.path = origin
         self._tensors = tensors
-        meta = tensors.meta if hasattr(tensors, "meta") else (lambda k: (tuple(tensors[k].shape), tensors[k].dtype))
         self.tensors = {}
         for k in tensors:
-            shape, dtype = meta(k)
-            self.tensors[k] = TensorInfo(Path(origin), k, dtype, tuple(shape), 0, 0)
+            shape, dtype = tensors.meta(k)
+            self.tensors[k] = TensorInfo(Path(origin), k, dtype, shape, 0, 0)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._tensors.pop(name)        # hand the tensor over: the model keeps the only reference
