@@ -184,3 +184,37 @@ def hf_model(folder: Path):
 def hf_processor(folder: Path):
     from transformers import AutoProcessor
     return AutoProcessor.from_pretrained(folder)
+
+
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def build_llava_next(folder: Path, *, text="llama", feature_layer=-2, image_size=32, patch=8, seed=0,
+                     pinpoints=NEXT_PINPOINTS) -> Path:
+    """Save a tiny LlavaNextForConditionalGeneration (anyres tiling, LLaVA-1.6) + processor into folder."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor, PreTrainedTokenizerFast)
+    folder = Path(folder)
+    kind = "llama" if text in ("llama", "mistral") else "qwen2"
+    vocab = write_tokenizer(folder, kind)
+    cfg = LlavaNextConfig(vision_config=_vision_config("clip", image_size, patch),
+                          text_config=_text_config(text, vocab, False), image_token_index=vocab["<image>"],
+                          vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=pinpoints, image_seq_length=(image_size // patch) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():       # a visible newline vector (HF's init is small)
+        model.model.image_newline.normal_(0, 1.0)
+    model.save_pretrained(folder)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                     **{k: v for k, v in json.loads((folder / "tokenizer_config.json").read_text())
+                                        .items() if k.endswith("_token") and v})
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size},
+                                              image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=hf_tok, patch_size=patch,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_TEMPLATE if kind == "llama" else QWEN_TEMPLATE,
+                                   image_token="<image>")
+    processor.save_pretrained(folder)
+    return folder

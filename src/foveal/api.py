@@ -28,7 +28,7 @@ from .engine.generate import Chunk, Engine, GenerationResult, Stats
 from .engine.sampling import SamplingOptions
 from .errors import ConfigError, FovealError, ModelNotFoundError, PromptError
 from .models.vlm import VisionLanguageModel
-from .processing.images import ImageLimits, ImageProcessorConfig, load_image, preprocess_batch
+from .processing.images import ImageLimits, ImageProcessorConfig, load_image, preprocess_batch, preprocess_views
 from .processing.prompt import IMAGE_PLACEHOLDER, PromptBuilder, Tokenizer, find_chat_template, normalize_messages
 from .weights.safetensors import load_into, open_checkpoint
 
@@ -110,7 +110,12 @@ class VLM:
 
     @property
     def image_tokens_per_image(self) -> int:
+        """Tokens per image; an anyres (LLaVA-NeXT) model's base view only (see `max_image_tokens`)."""
         return self.config.image_tokens_per_image
+
+    @property
+    def max_image_tokens(self) -> int:
+        return self.config.max_image_tokens
 
     def parameter_counts(self) -> dict[str, int]:
         parts = {"vision": 0, "projector": 0, "language_model": 0}
@@ -137,29 +142,38 @@ class VLM:
     def _prepare(self, messages, stats: Stats):
         t0 = time.perf_counter()
         template_messages, image_sources = normalize_messages(messages, self.prompt.template)
-        inputs = self.prompt.build(template_messages, n_images=len(image_sources))
+        inputs = self.prompt.build(template_messages, n_images=len(image_sources))   # prompt errors before decoding
         loaded = [load_image(src, self.image_limits) for src in image_sources]
+        counts = [self.config.image_tokens((im.height, im.width)) for im in loaded]
+        if self.config.anyres:
+            inputs = self.prompt.build(template_messages, n_images=len(loaded), image_tokens=counts)
         stats.images = len(loaded)
+        todo = list({im.sha256: im for im in loaded if im.sha256 not in self._image_cache}.values())
         pixels = None
-        todo = [im for im in loaded if im.sha256 not in self._image_cache]
-        if todo:
+        if todo and not self.config.anyres:
             pixels = preprocess_batch([im.image for im in todo], self.image_config)
+        elif todo:
+            pixels = [preprocess_views(im.image, self.image_config) for im in todo]
         stats.preprocess_s = time.perf_counter() - t0
         embeds = None
         if loaded:
             t1 = time.perf_counter()
             if todo:
                 with torch.inference_mode():
-                    new = self.model.encode_images(pixels.to(self.device))
+                    if self.config.anyres:     # one image at a time: each has its own tile count
+                        new = [self.model.encode_anyres(p.to(self.device), (im.height, im.width))
+                               for im, p in zip(todo, pixels)]
+                    else:
+                        new = self.model.encode_images(pixels.to(self.device))
                 for im, e in zip(todo, new):
                     self._image_cache[im.sha256] = e
-            embeds = torch.stack([self._image_cache[im.sha256] for im in loaded])
+            embeds = torch.cat([self._image_cache[im.sha256] for im in loaded])[None]    # (1, image tokens, D)
             for im in loaded:
                 self._image_cache.move_to_end(im.sha256)
             while len(self._image_cache) > IMAGE_CACHE_SIZE:
                 self._image_cache.popitem(last=False)
             stats.encode_s = time.perf_counter() - t1
-        return inputs, embeds, [im.sha256 for im in loaded]
+        return inputs, embeds, [(im.sha256, n) for im, n in zip(loaded, counts)]
 
     def stream(self, messages, *, cancel=None, format=None, **options):
         """Yield `Chunk`s of text as soon as they decode; the last has done=True and stats.
@@ -189,7 +203,11 @@ class VLM:
 
     def count_tokens(self, messages) -> int:
         template_messages, image_sources = normalize_messages(messages, self.prompt.template)
-        return len(self.prompt.build(template_messages, n_images=len(image_sources)).input_ids)
+        counts = None
+        if self.config.anyres:      # the count depends on each image's size
+            counts = [self.config.image_tokens((im.height, im.width))
+                      for im in (load_image(src, self.image_limits) for src in image_sources)]
+        return len(self.prompt.build(template_messages, n_images=len(image_sources), image_tokens=counts).input_ids)
 
     def unload(self) -> None:
         self.engine.reset()
@@ -237,6 +255,15 @@ def _image_config(cfg: C.VLMConfig, image_processor: dict | None, raw: dict,
         ipc = ImageProcessorConfig.from_hf(image_processor)
     else:
         ipc = ImageProcessorConfig.for_vision("siglip" if cfg.vision.is_siglip else "clip", cfg.vision.image_size)
+    if cfg.anyres:
+        if image_mode is not None:
+            raise ConfigError(f"image_mode {image_mode!r} does not apply to an anyres (LLaVA-NeXT) model: "
+                              f"it tiles each image at its own aspect")
+        if ipc.grid_pinpoints is not None and ipc.grid_pinpoints != cfg.image_grid_pinpoints:
+            raise ConfigError(f"the image processor's image_grid_pinpoints {ipc.grid_pinpoints} differ from "
+                              f"config.json's {cfg.image_grid_pinpoints}")
+        ipc = ImageProcessorConfig(**{**ipc.__dict__, "mode": "crop", "grid_pinpoints": cfg.image_grid_pinpoints})
+        return ipc
     if raw.get("image_aspect_ratio") == "pad":     # original LLaVA-1.5 trained on padded squares
         ipc.mode = "pad"
     if image_mode is not None:

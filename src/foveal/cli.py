@@ -172,6 +172,8 @@ def info_dict(vlm) -> dict:
         "dtype": str(vlm.dtype).replace("torch.", ""),
         "image_size": cfg.vision.image_size if cfg.vision else None,
         "image_tokens_per_image": vlm.image_tokens_per_image,
+        "max_image_tokens": vlm.max_image_tokens,
+        "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints] if cfg.anyres else None,
         "context_length": vlm.context_length,
         "weight_bytes": vlm.weight_bytes(),
     }
@@ -194,7 +196,10 @@ def cmd_info(args) -> int:
         ("parameters", f"{_human(p['total'])} total: vision {_human(p['vision'])}, projector "
                        f"{_human(p['projector'])}, language model {_human(p['language_model'])}"),
         ("dtype", d["dtype"]),
-        ("image tokens/image", f"{d['image_tokens_per_image']} ({d['image_size']} px)" if d["image_size"] else "0"),
+        ("image tokens/image", (f"{d['image_tokens_per_image']} ({d['image_size']} px)" if not d["image_grid_pinpoints"]
+                                else f"{d['image_tokens_per_image']}-{d['max_image_tokens']} (anyres: {d['image_size']}"
+                                     f"-px tiles at {', '.join(f'{h}x{w}' for h, w in d['image_grid_pinpoints'])})")
+                               if d["image_size"] else "0"),
         ("context length", d["context_length"]),
         ("weight memory", f"{d['weight_bytes'] / 2**20:.1f} MiB"),
     ]

@@ -53,6 +53,7 @@ TEXT_DEFAULTS = {
                   rope_theta=10000.0, attention_bias=True, mlp_bias=False, bos_token_id=None,
                   eos_token_id=None),
 }
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]   # LlavaNextConfig's
 LLAVA_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu",
                       vision_feature_select_strategy="default", vision_feature_layer=-2,
                       multimodal_projector_bias=True)
@@ -137,6 +138,28 @@ class VLMConfig:
     layout: str = "llava-hf"                   # llava-hf | original | text
     vision_tower_path: str | None = None       # original layout: where the CLIP tower lives
     architecture: str = "LlavaForConditionalGeneration"
+    image_grid_pinpoints: tuple | None = None  # LLaVA-NeXT anyres tiling ((H, W), ...); None: one view
+
+    @property
+    def anyres(self) -> bool:
+        return self.image_grid_pinpoints is not None and self.vision is not None
+
+    def image_layout(self, size: tuple[int, int]):
+        """An anyres model's token layout for an image of (height, width) `size`."""
+        from .processing.anyres import layout
+        return layout(size, self.image_grid_pinpoints, self.vision.image_size, self.vision.patch_size,
+                      self.image_tokens_per_image)
+
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        """Image tokens for an image of (height, width) `size`: fixed, except on anyres models."""
+        return self.image_layout(size).tokens if self.anyres else self.image_tokens_per_image
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most tokens one image can take (anyres: at the largest pinpoint, a full-frame image)."""
+        if not self.anyres:
+            return self.image_tokens_per_image
+        return max(self.image_tokens(p) for p in self.image_grid_pinpoints)
 
     @property
     def image_tokens_per_image(self) -> int:
@@ -246,7 +269,7 @@ def config_from_hf(d: dict) -> VLMConfig:
     if not isinstance(d, dict):
         raise ConfigError("config.json must hold a JSON object")
     model_type = d.get("model_type")
-    if model_type == "llava":
+    if model_type in ("llava", "llava_next"):
         text = text_config_from_hf(d.get("text_config") or {"model_type": "llama"})
         vision_dict = d.get("vision_config") or LLAVA_VISION_DEFAULT
         vision = vision_config_from_hf(vision_dict)
@@ -262,6 +285,10 @@ def config_from_hf(d: dict) -> VLMConfig:
                         vision_feature_layer=layer,
                         vision_feature_select_strategy=get("vision_feature_select_strategy"),
                         layout="llava-hf", architecture="LlavaForConditionalGeneration")
+        if model_type == "llava_next":
+            cfg.architecture = "LlavaNextForConditionalGeneration"
+            cfg.image_grid_pinpoints = _pinpoints(LLAVA_NEXT_PINPOINTS if d.get("image_grid_pinpoints") is None
+                                                  else d["image_grid_pinpoints"], vision)
     elif model_type in ("llava_llama", "llava_mistral", "llava_qwen", "llava_qwen2") or "mm_vision_tower" in d:
         base = {"llava_llama": "llama", "llava_mistral": "mistral"}.get(model_type, "qwen2" if "qwen" in str(model_type) else "llama")
         text = text_config_from_hf(d | {"model_type": base})
@@ -280,16 +307,40 @@ def config_from_hf(d: dict) -> VLMConfig:
                         vision_feature_select_strategy="default" if select == "patch" else "full",
                         layout="original", vision_tower_path=tower,
                         architecture=(d.get("architectures") or ["LlavaLlamaForCausalLM"])[0])
+        if str(d.get("image_aspect_ratio", "")).startswith("anyres"):   # LLaVA-1.6
+            merge = d.get("mm_patch_merge_type", "flat")
+            if merge != "spatial_unpad":
+                raise UnsupportedModelError(f"anyres with mm_patch_merge_type {merge!r} is not supported "
+                                            f"(spatial_unpad, as LLaVA-1.6 ships)")
+            cfg.image_grid_pinpoints = d.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS)   # checked in attach_vision
     elif model_type in TEXT_DEFAULTS:
         cfg = VLMConfig(text=text_config_from_hf(d), layout="text",
                         architecture=(d.get("architectures") or [model_type])[0])
     else:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported: llava (with "
+            f"model_type {model_type!r} is not supported; supported: llava and llava_next (with "
             f"{'/'.join(VISION_TYPES)} + {'/'.join(TEXT_TYPES)}), original LLaVA (llava_llama, "
             f"llava_mistral, llava_qwen), and text-only {', '.join(TEXT_TYPES)}")
     _check_feature_layers(cfg)
+    if cfg.vision is not None:
+        _check_anyres(cfg)
     return cfg
+
+
+def _pinpoints(value, vision: VisionConfig) -> tuple:
+    from .processing.anyres import check_pinpoints
+    if vision.image_size % vision.patch_size:
+        raise UnsupportedModelError(f"anyres tiling needs a tower whose image_size ({vision.image_size}) is a "
+                                    f"multiple of its patch_size ({vision.patch_size})")
+    return check_pinpoints(value, tile=vision.image_size)
+
+
+def _check_anyres(cfg: VLMConfig) -> None:
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    if cfg.anyres and cfg.image_tokens_per_image != grid * grid:
+        raise UnsupportedModelError(
+            f"anyres tiling needs each tile's features to form a {grid}x{grid} grid, but this tower and "
+            f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} give {cfg.image_tokens_per_image}")
 
 
 def _check_feature_layers(cfg: VLMConfig) -> None:
@@ -307,9 +358,12 @@ def _check_feature_layers(cfg: VLMConfig) -> None:
 def attach_vision(cfg: VLMConfig, vision_dict: dict) -> None:
     """Original LLaVA layout: fill in the vision tower's config from its own config.json."""
     cfg.vision = vision_config_from_hf(vision_dict)
+    if cfg.image_grid_pinpoints is not None:
+        cfg.image_grid_pinpoints = _pinpoints(cfg.image_grid_pinpoints, cfg.vision)
     if cfg.projector.in_features == 0:
         cfg.projector.in_features = cfg.vision.hidden_size * len(cfg.feature_layers)
     _check_feature_layers(cfg)
+    _check_anyres(cfg)
 
 
 def load_config_file(path: Path) -> dict:

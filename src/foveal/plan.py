@@ -297,10 +297,19 @@ def _weights(cfg, dbytes: int, quant: str, group: int | None) -> dict:
             "largest_block": block}
 
 
+def _max_views(cfg) -> int:
+    """Tower passes per image: 1, or an anyres model's base view + the most tiles a pinpoint has."""
+    if not cfg.anyres:
+        return 1
+    return 1 + max((h // cfg.vision.image_size) * (w // cfg.vision.image_size) for h, w in cfg.image_grid_pinpoints)
+
+
 def _vision_activations(cfg, images: int, dbytes: int) -> int:
     v = cfg.vision
     if v is None or images == 0:
         return 0
+    if cfg.anyres:      # images are encoded one at a time, each as a batch of its views
+        images = _max_views(cfg)
     t = v.num_patches + (0 if v.is_siglip else 1)
     n_run = max(i if i >= 0 else v.num_hidden_layers + 1 + i for i in cfg.feature_layers)
     pixels = 3 * v.image_size ** 2 * 4 * 2                         # float32 preprocess output + its copy
@@ -319,7 +328,7 @@ def _prefill_activations(cfg, tokens: int, cache_len: int, images: int, dbytes: 
                  + (qkv + t.num_attention_heads * t.head_dim) * dbytes * 2   # q, k, v, roped copies, attn out
                  + 3 * t.intermediate_size * dbytes    # gate, up, silu(gate) * up
                  + cache_len)                          # the (T, S) boolean causal mask
-    image_embeds = images * cfg.image_tokens_per_image * t.hidden_size * dbytes * 2   # engine + image cache
+    image_embeds = images * cfg.max_image_tokens * t.hidden_size * dbytes * 2   # engine + image cache
     logits = t.vocab_size * 4 * 2                       # last position only, + the sampler's float copy
     return tokens * per_token + image_embeds + logits
 
@@ -372,7 +381,10 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
     if images and cfg.vision is None:
         notes.append("a text-only model: images ignored")
         images = 0
-    per_image = cfg.image_tokens_per_image
+    per_image = cfg.max_image_tokens
+    if cfg.anyres:
+        notes.append(f"anyres (LLaVA-NeXT): an image takes {cfg.image_tokens_per_image} to {per_image} tokens by "
+                     f"its size and aspect ({_max_views(cfg)} tower passes at most); planned at the most")
     if images * per_image >= ctx:
         raise ContextLengthError(images * per_image + 1, ctx, f"{images} image(s) (x {per_image} tokens)")
     load_peak = 0

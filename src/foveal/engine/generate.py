@@ -113,7 +113,7 @@ class Engine:
     def stream(self, input_ids: list[int], image_mask: list[bool], image_embeds: torch.Tensor | None,
                image_keys: list, opts: SamplingOptions, stats: Stats, cancel: threading.Event | None = None,
                constraint=None):
-        """Yield Chunks for one prompt. image_keys: one hashable key per image, in prompt order.
+        """Yield Chunks for one prompt. image_keys: (hashable key, token count) per image, in prompt order.
         constraint: a `constrain.JSONConstraint` (masks each pick; stops when its grammar is complete)."""
         t_start = time.perf_counter()
         n_prompt = len(input_ids)
@@ -192,17 +192,10 @@ class Engine:
 
 
 def _token_keys(ids, mask, image_keys):
-    """Cache keys: token ids, and (image key, row) at image positions."""
-    n_image_tokens = sum(mask)
-    per_image = n_image_tokens // max(len(image_keys), 1) or 1
-    keys, j = [], 0
-    for t, m in zip(ids, mask):
-        if m:
-            keys.append((image_keys[j // per_image] if image_keys else None, j % per_image))
-            j += 1
-        else:
-            keys.append(t)
-    return keys
+    """Cache keys: token ids, and (image key, row) at image positions. image_keys: (key, token count) per
+    image in prompt order (counts differ between images on LLaVA-NeXT)."""
+    rows = iter([(key, r) for key, n in image_keys for r in range(n)])
+    return [next(rows, (None, j)) if m else t for j, (t, m) in enumerate(zip(ids, mask))]
 
 
 def _common_prefix(a: list, b: list) -> int:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import VLMConfig
 from ..errors import PromptError
+from ..processing import anyres
 from .cpu import matmuls
 from .projector import Projector
 from .text import TextModel
@@ -29,6 +30,8 @@ class VisionLanguageModel(nn.Module):
         if cfg.vision is not None:
             self.vision_tower = VisionTower(cfg.vision, cfg.feature_layers)
             self.multi_modal_projector = Projector(cfg.projector)
+        if cfg.anyres:      # LLaVA-NeXT: a learnt vector after each row of tile features
+            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
         self.language_model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
@@ -57,6 +60,11 @@ class VisionLanguageModel(nn.Module):
         """pixels (N, 3, H, W) -> image embeddings (N, tokens_per_image, D_text)."""
         with matmuls(pixels, rows=pixels.shape[0] * max(self.cfg.image_tokens_per_image, 2)):
             return self.project(self.image_features(pixels))
+
+    def encode_anyres(self, views: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """An anyres model: one image's views (1 + tiles, 3, S, S) and its (height, width) -> its image
+        embeddings (T, D_text), T = cfg.image_tokens(size)."""
+        return anyres.pack(self.encode_images(views), self.cfg.image_layout(size), self.image_newline)
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageOps
 
 from foveal.errors import ConfigError, ImageError
+from foveal.processing import anyres
 
 _ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF")
 # Errors by which a Pillow plugin says "this file is not mine" (same list as Image.open).
@@ -277,6 +278,7 @@ class ImageProcessorConfig:
     image_std: tuple[float, float, float]
     resample: int  # PIL resample id; 3 = bicubic
     mode: str = "crop"  # "crop" | "pad" (LLaVA-1.5 pad to square first) | "resize" (no crop)
+    grid_pinpoints: tuple | None = None  # LLaVA-NeXT anyres tiling ((H, W), ...); None: one view per image
 
     def __post_init__(self):
         self.size = _size_dict(self.size, square=False, what="size")
@@ -288,6 +290,11 @@ class ImageProcessorConfig:
             raise ConfigError(f"image mode {self.mode!r} is not one of 'crop', 'pad', 'resize'")
         if self.do_center_crop and (self.crop_size is None or self.mode == "resize"):
             raise ConfigError("do_center_crop needs a crop_size and a mode other than 'resize'")
+        if self.grid_pinpoints is not None:
+            self.grid_pinpoints = anyres.check_pinpoints(self.grid_pinpoints)
+            if self.mode != "crop" or not self.do_resize or "shortest_edge" not in self.size:
+                raise ConfigError("anyres tiling (image_grid_pinpoints) needs the CLIP crop preprocessing "
+                                  "(a shortest-edge resize and a centre crop)")
 
     @classmethod
     def from_hf(cls, d: dict) -> ImageProcessorConfig:
@@ -297,12 +304,13 @@ class ImageProcessorConfig:
         v = {**_HF_DEFAULTS[family], **{k: x for k, x in d.items() if x is not None}}
         mode = "crop" if v["do_center_crop"] else "resize"
         if family == "llava" and v["do_pad"]:  # only LLaVA's do_pad means "pad to square"
-            mode = "pad"
+            mode = "pad"                       # (LLaVA-NeXT's pads a batch's tile counts: no effect here)
         return cls(size=v["size"], crop_size=v["crop_size"],
                    do_center_crop=bool(v["do_center_crop"]), do_resize=bool(v["do_resize"]),
                    do_rescale=bool(v["do_rescale"]), do_normalize=bool(v["do_normalize"]),
                    rescale_factor=float(v["rescale_factor"]), image_mean=v["image_mean"],
-                   image_std=v["image_std"], resample=int(v["resample"]), mode=mode)
+                   image_std=v["image_std"], resample=int(v["resample"]), mode=mode,
+                   grid_pinpoints=v.get("image_grid_pinpoints"))
 
     @classmethod
     def for_vision(cls, kind: str, image_size: int) -> ImageProcessorConfig:
@@ -339,6 +347,7 @@ _HF_DEFAULTS = {
     "llava": _CLIP_DEFAULTS,
     "siglip": dict(_CLIP_DEFAULTS, size={"height": 224, "width": 224}, crop_size=None,
                    do_center_crop=False, image_mean=(0.5,) * 3, image_std=(0.5,) * 3),
+    "llava_next": dict(_CLIP_DEFAULTS, do_pad=True, image_grid_pinpoints=anyres.LLAVA_NEXT_PINPOINTS),
 }
 
 
@@ -346,11 +355,12 @@ def _processor_family(kind: str) -> str:
     # v5 names the backend by a suffix ("...Fast": torchvision, "...Pil"); same config keys.
     base = kind.removesuffix("Fast").removesuffix("Pil")
     family = {"CLIPImageProcessor": "clip", "CLIPFeatureExtractor": "clip",
-              "LlavaImageProcessor": "llava", "SiglipImageProcessor": "siglip"}.get(base)
+              "LlavaImageProcessor": "llava", "SiglipImageProcessor": "siglip",
+              "LlavaNextImageProcessor": "llava_next"}.get(base)
     if family:
         return family
-    raise ConfigError(f"image processor {kind!r} is not supported "
-                      f"(supported: CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor)")
+    raise ConfigError(f"image processor {kind!r} is not supported (supported: CLIPImageProcessor, "
+                      f"LlavaImageProcessor, LlavaNextImageProcessor, SiglipImageProcessor)")
 
 
 def _size_dict(size, square: bool, what: str) -> dict:
@@ -389,6 +399,16 @@ def preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> torch.Tensor:
         pixels = _center_crop(pixels, cfg.crop_size["height"], cfg.crop_size["width"])
     pixels = _rescale_and_normalize(pixels, cfg)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def preprocess_views(image: Image.Image, cfg: ImageProcessorConfig) -> torch.Tensor:
+    """One image -> its anyres views (1 + tiles, 3, S, S): the base view, then the tiles row-major."""
+    if cfg.grid_pinpoints is None:
+        raise ConfigError("this image processor has no image_grid_pinpoints: it does not tile")
+    tile = cfg.crop_size["height"] if cfg.do_center_crop else cfg.size["shortest_edge"]
+    base = cfg.size["shortest_edge"]
+    views = anyres.tile_views(to_rgb(image), cfg.grid_pinpoints, tile, base, cfg.resample)
+    return torch.stack([preprocess(v, cfg) for v in views])
 
 
 def preprocess_batch(images: list, cfg: ImageProcessorConfig) -> torch.Tensor:

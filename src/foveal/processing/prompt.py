@@ -270,7 +270,9 @@ class PromptBuilder:
                            **self.tokenizer.special)
 
     def build(self, messages, n_images: int, add_generation_prompt: bool = True,
-              track_assistant: bool = False) -> PromptInputs:
+              track_assistant: bool = False, image_tokens: list[int] | None = None) -> PromptInputs:
+        """image_tokens: the token count of each image, in prompt order, where it depends on the image
+        (LLaVA-NeXT); by default every image takes tokens_per_image."""
         rendered = self.render(messages, add_generation_prompt)
         text = rendered.text
         n_placeholders = text.count(self.image_token)
@@ -279,29 +281,35 @@ class PromptBuilder:
                               f"but {n_images} image(s) were given")
         if n_images and self.tokens_per_image == 0:
             raise PromptError("this model has no vision tower: it cannot take images")
+        counts = [self.tokens_per_image] * n_images if image_tokens is None else list(image_tokens)
+        if len(counts) != n_images:
+            raise PromptError(f"{len(counts)} image token count(s) for {n_images} image(s)")
         add_special = not (self.tokenizer.special.get("bos_token")
                            and text.startswith(self.tokenizer.special["bos_token"]))
         if self.image_token_id is not None:
-            expanded = text.replace(self.image_token, self.image_token * self.tokens_per_image)
+            parts = text.split(self.image_token)
+            expanded = parts[0] + "".join(self.image_token * n + part for n, part in zip(counts, parts[1:]))
             enc = self.tokenizer.tok.encode(expanded, add_special_tokens=add_special)
             ids = enc.ids
             mask = [t == self.image_token_id for t in ids]
-            if sum(mask) != n_images * self.tokens_per_image:
-                raise PromptError(f"expected {n_images * self.tokens_per_image} image tokens after expansion, "
+            if sum(mask) != sum(counts):
+                raise PromptError(f"expected {sum(counts)} image tokens after expansion, "
                                   f"found {sum(mask)}: the text itself contains the image token")
             assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, text, self.image_token,
-                                                              self.tokens_per_image)) if track_assistant else None
+                                                              counts)) if track_assistant else None
         else:
-            ids, mask, assistant = self._splice(text, add_special, rendered.generation_spans, track_assistant)
+            ids, mask, assistant = self._splice(text, add_special, rendered.generation_spans, track_assistant,
+                                                counts)
         return PromptInputs(ids, mask, n_images, text, assistant)
 
-    def _splice(self, text, add_special, spans, track):
+    def _splice(self, text, add_special, spans, track, counts):
         ids, mask, assistant, offset = [], [], [], 0
         for k, chunk in enumerate(text.split(self.image_token)):
             if k:
-                ids += [IMAGE_SLOT] * self.tokens_per_image
-                mask += [True] * self.tokens_per_image
-                assistant += [False] * self.tokens_per_image
+                n = counts[k - 1]
+                ids += [IMAGE_SLOT] * n
+                mask += [True] * n
+                assistant += [False] * n
                 offset += len(self.image_token)
             enc = self.tokenizer.tok.encode(chunk, add_special_tokens=add_special and k == 0)
             ids += enc.ids
@@ -312,12 +320,18 @@ class PromptBuilder:
         return ids, mask, (assistant if track else None)
 
 
-def _shift_spans(spans, text, image_token, n):
-    """Generation spans in the unexpanded text -> spans in the expanded text."""
-    grow = len(image_token) * (n - 1)
+def _shift_spans(spans, text, image_token, counts):
+    """Generation spans in the unexpanded text -> spans in the expanded text (image k grows by counts[k] - 1
+    copies of the token)."""
+    starts, at = [], text.find(image_token)
+    while at != -1:
+        starts.append(at)
+        at = text.find(image_token, at + len(image_token))
     out = []
     for a, b in spans:
-        out.append((a + text.count(image_token, 0, a) * grow, b + text.count(image_token, 0, b) * grow))
+        grow = lambda pos: sum(len(image_token) * (n - 1) for s, n in zip(starts, counts)
+                                   if s + len(image_token) <= pos)  # noqa: E731
+        out.append((a + grow(a), b + grow(b)))
     return out
 
 

@@ -311,7 +311,9 @@ async def show(request: Request, body: ShowRequest):
         info.update({"vision.image_size": cfg.vision.image_size, "vision.patch_size": cfg.vision.patch_size,
                      "vision.block_count": cfg.vision.num_hidden_layers,
                      "vision.embedding_length": cfg.vision.hidden_size,
-                     "vision.image_tokens_per_image": vlm.image_tokens_per_image})
+                     "vision.image_tokens_per_image": vlm.image_tokens_per_image,
+                     **({"vision.image_grid_pinpoints": [x for p in cfg.image_grid_pinpoints for x in p],
+                         "vision.max_image_tokens": vlm.max_image_tokens} if cfg.anyres else {})})
         projector_info = {"projector.type": cfg.projector.kind, "projector.parameter_count": counts["projector"]}
     params = "\n".join(f"{k:<16}{v}" for k, v in (("temperature", 0.8), ("top_k", 40), ("top_p", 0.9)))
     return {"modelfile": f"# served by foveal {__version__}\nFROM {entry.path}\n", "parameters": params,

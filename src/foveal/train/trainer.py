@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, FovealError
+from ..errors import ConfigError, FovealError, UnsupportedModelError
 from .datasets import IGNORE_INDEX, ConversationDataset
 from .lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
 from .state import list_checkpoints, load_state, optimizer_from_files, restore_rng, save_state
@@ -263,6 +263,10 @@ class Trainer:
         if vlm is None:
             from ..api import load
             vlm = load(cfg.model, device=device, dtype="float32")
+        if vlm.config.anyres:
+            raise UnsupportedModelError(f"{cfg.model}: training a LLaVA-NeXT (anyres) model is not supported yet: "
+                                        f"its images take a size-dependent number of tiles and tokens; foveal runs, "
+                                        f"serves and quantizes it")
         self.vlm = vlm
         self.model = vlm.model
         self.model.language_model.drop_cache()

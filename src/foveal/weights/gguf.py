@@ -108,7 +108,7 @@ class HFCheckpoint:
 
     @property
     def is_vlm(self) -> bool:
-        return self.config.get("model_type") == "llava"
+        return self.config.get("model_type") in ("llava", "llava_next")
 
 
 # --- llama.cpp <-> HF tensor names -------------------------------------------------------
@@ -154,6 +154,7 @@ VISION_GLOBAL_NAMES = {
     "v.post_ln.weight": "post_layernorm.weight",  # never part of LLaVA's features
     "v.post_ln.bias": "post_layernorm.bias",
 }
+IMAGE_NEWLINE = "model.image_newline"   # LLaVA-1.6's row separator, llama.cpp's name for it
 PROJECTOR_NAMES = {
     "mm.0": "multi_modal_projector.linear_1",
     "mm.2": "multi_modal_projector.linear_2",

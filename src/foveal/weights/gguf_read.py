@@ -9,7 +9,11 @@ Design decisions
   that permutation on the quantized rows (rows are independent in every GGUF block format).
   qwen2 uses llama.cpp's NEOX rotary and is stored unpermuted.
 - Text models with tensors llama.cpp would not expect are refused (llama.cpp refuses them too);
-  an mmproj's extra tensors (llava-1.6's image_newline, ...) are ignored with a warning.
+  an mmproj's extra tensors are ignored with a warning.
+- LLaVA-1.6 mmproj files (`clip.vision.image_grid_pinpoints`, merge type `spatial_unpad`,
+  `model.image_newline`) become a `llava_next` config: anyres tiling as in transformers, whose
+  pinpoint pairs are (height, width); the pairs are read in the order written (every shipped
+  list is symmetric). llama.cpp's own resampling of the tiles differs slightly from HF's.
 - Hyper-parameters come from the tensor shapes where they can (embedding width, FFN width,
   vocabulary, layer count) and are cross-checked with the metadata; head counts, epsilon,
   RoPE and context come from the metadata, with the HF class defaults when a key is absent.
@@ -35,9 +39,9 @@ import numpy as np
 import torch
 from gguf import Keys
 
-from foveal.errors import UnsupportedModelError, WeightsError
+from foveal.errors import ConfigError, UnsupportedModelError, WeightsError
 from foveal.weights.gguf import (
-    LLAVA_TEXT_PREFIX, LLAVA_VISION_PREFIX, PROJECTOR_NAMES, TEXT_BLOCK_NAMES,
+    IMAGE_NEWLINE, LLAVA_TEXT_PREFIX, LLAVA_VISION_PREFIX, PROJECTOR_NAMES, TEXT_BLOCK_NAMES,
     TEXT_GLOBAL_NAMES, VISION_BLOCK_NAMES, VISION_GLOBAL_NAMES, GGUFFile, HFCheckpoint, LazyTensors, SplitGGUF,
     llama3_rope_factors, llama_qk_order, meta_bool, meta_str, open_gguf, short_float,
 )
@@ -115,10 +119,11 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
         )
     image_token, tokenizer_json = add_image_token(vocab, tokenizer_json)
     text_config = {k: v for k, v in config.items() if k != "architectures"}
+    anyres = "image_grid_pinpoints" in llava
     llava_config = {
         **({"_name_or_path": config["_name_or_path"]} if "_name_or_path" in config else {}),
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if anyres else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if anyres else "llava",
         "image_token_index": image_token,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True,
@@ -334,8 +339,8 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
             if m[2] not in VISION_BLOCK_NAMES:
                 raise UnsupportedModelError(f"{gf.path}: tensor {name!r} is not part of a CLIP/SigLIP block")
             blocks.setdefault(int(m[1]), set()).add(f"{m[2]}.{m[3]}")
-        elif name not in known:
-            log.warning("%s: ignoring tensor %r (not part of a LLaVA-1.5 style model)", gf.path, name)
+        elif name not in known and name != IMAGE_NEWLINE:
+            log.warning("%s: ignoring tensor %r (not part of a LLaVA-1.5/1.6 style model)", gf.path, name)
     n_stored = len(blocks)
     if sorted(blocks) != list(range(n_stored)):
         raise WeightsError(f"{gf.path}: vision blocks are not numbered 0..N-1")
@@ -423,6 +428,16 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
         else:
             tensors[f"{hf}.bias"] = torch.zeros(text_width, dtype=dtype)
 
+    pinpoints = _anyres_pinpoints(gf, meta, image_size, patch)
+    if pinpoints is not None:
+        if IMAGE_NEWLINE not in names:
+            raise WeightsError(f"{gf.path}: a LLaVA-1.6 (spatial_unpad) mmproj without {IMAGE_NEWLINE}")
+        _check_shape(IMAGE_NEWLINE, names[IMAGE_NEWLINE].shape, (text_width,))
+        tensors["image_newline"] = gf.tensor(IMAGE_NEWLINE, dtype)
+    elif IMAGE_NEWLINE in names:
+        log.warning("%s: ignoring %s (no image_grid_pinpoints with spatial_unpad: images are read at %d px only)",
+                    gf.path, IMAGE_NEWLINE, image_size)
+
     if meta_bool(meta, Keys.ClipVision.USE_SILU):
         act = "silu"
     elif meta_bool(meta, Keys.ClipVision.USE_GELU):  # llama.cpp's gelu is the tanh approximation
@@ -447,6 +462,7 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
         "vision_feature_layer": feature_layer,
         "vision_feature_select_strategy": "full" if siglip else "default",
         "image_seq_length": n_patches,
+        **({"image_grid_pinpoints": pinpoints} if pinpoints is not None else {}),
     }
     mean = _triple(meta.get(Keys.ClipVision.IMAGE_MEAN), [0.5] * 3 if siglip else _CLIP_MEAN)
     std = _triple(meta.get(Keys.ClipVision.IMAGE_STD), [0.5] * 3 if siglip else _CLIP_STD)
@@ -461,6 +477,31 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
         preprocessor.update(size={"shortest_edge": image_size}, do_center_crop=True,
                             crop_size={"height": image_size, "width": image_size})
     return vision_config, llava, tensors, preprocessor
+
+
+def _anyres_pinpoints(gf: GGUFFile | SplitGGUF, meta: dict[str, Any], image_size: int,
+                      patch: int) -> list[list[int]] | None:
+    """LLaVA-1.6's tiling resolutions, or None for a one-view (LLaVA-1.5 style) mmproj."""
+    flat = meta.get("clip.vision.image_grid_pinpoints")
+    if flat is None:
+        return None
+    merge = meta_str(meta, "clip.vision.mm_patch_merge_type", "flat")
+    if merge != "spatial_unpad":
+        log.warning("%s: image_grid_pinpoints with mm_patch_merge_type %r is not supported: images are read "
+                    "at %d px only", gf.path, merge, image_size)
+        return None
+    if not isinstance(flat, np.ndarray) or flat.dtype.kind not in "iu" or flat.ndim != 1 or len(flat) % 2:
+        raise WeightsError(f"{gf.path}: clip.vision.image_grid_pinpoints is not an even-length integer array")
+    if image_size % patch:
+        raise WeightsError(f"{gf.path}: anyres tiling needs image_size {image_size} to be a multiple of "
+                           f"patch_size {patch}")
+    from foveal.processing.anyres import check_pinpoints
+    pairs = [[int(flat[i]), int(flat[i + 1])] for i in range(0, len(flat), 2)]
+    try:
+        check_pinpoints(pairs, tile=image_size)
+    except ConfigError as e:
+        raise WeightsError(f"{gf.path}: {e}") from None
+    return pairs
 
 
 def _triple(value: Any, default: list[float]) -> list[float]:

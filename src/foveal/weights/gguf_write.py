@@ -41,7 +41,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType, Rop
 
 from foveal.errors import ConfigError, UnsupportedModelError, WeightsError
 from foveal.weights.gguf import (
-    LLAVA_TEXT_PREFIX, LLAVA_VISION_PREFIX, PROJECTOR_NAMES, TEXT_BLOCK_NAMES,
+    IMAGE_NEWLINE, LLAVA_TEXT_PREFIX, LLAVA_VISION_PREFIX, PROJECTOR_NAMES, TEXT_BLOCK_NAMES,
     TEXT_GLOBAL_NAMES, VISION_BLOCK_NAMES, VISION_GLOBAL_NAMES, HFCheckpoint,
     llama3_rope_factors, llama_qk_order,
 )
@@ -109,7 +109,7 @@ def read_hf_folder(path: str | Path) -> HFCheckpoint:
     if not files:
         raise WeightsError(f"{folder} holds no *.safetensors weights")
 
-    is_llava = config.get("model_type") == "llava"
+    is_llava = config.get("model_type") in ("llava", "llava_next")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         shard = folder / file
@@ -199,7 +199,7 @@ def write_gguf(ckpt: HFCheckpoint, out_dir: str | Path, *, type: str,  # noqa: A
     else:
         raise UnsupportedModelError(
             f"model_type {config.get('model_type')!r} cannot be exported to GGUF "
-            f"(supported: llava, {', '.join(_TEXT_ARCH)})"
+            f"(supported: llava, llava_next, {', '.join(_TEXT_ARCH)})"
         )
     text_path = out / f"{stem}-{type.upper()}.gguf"
     _write_text_model(text_path, text_config, text_tensors, ckpt, type, stem, head_type)
@@ -419,6 +419,13 @@ def _write_mmproj(path: Path, ckpt: HFCheckpoint, float_type: Q, name: str) -> N
     writer.add_vision_use_gelu(act in ("gelu", "gelu_pytorch_tanh"))
     writer.add_vision_use_silu(act == "silu")
     writer.add_array("clip.vision.feature_layer", layers)
+    pinpoints = config.get("image_grid_pinpoints") if config.get("model_type") == "llava_next" else None
+    if pinpoints is not None:   # LLaVA-1.6 anyres, as llama.cpp's llava-1.6 surgery writes it
+        newline = _need(ckpt.tensors, "image_newline")
+        writer.add_array("clip.vision.image_grid_pinpoints", [int(x) for p in pinpoints for x in p])
+        writer.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
+        writer.add_string("clip.vision.image_aspect_ratio", "anyres")
+        writer.add_uint32("clip.vision.image_crop_resolution", int(vcfg["image_size"]))
 
     def vision_type(tensor: torch.Tensor) -> Q:
         return Q.F32 if tensor.dim() == 1 else _weight_type(float_type, tensor)
@@ -440,6 +447,8 @@ def _write_mmproj(path: Path, ckpt: HFCheckpoint, float_type: Q, name: str) -> N
         plan.append(_Planned(f"{gguf_name}.weight", weight, vision_type(weight)))
         # llama.cpp's projector always adds a bias
         plan.append(_Planned(f"{gguf_name}.bias", bias if bias is not None else torch.zeros(weight.shape[0]), Q.F32))
+    if pinpoints is not None:
+        plan.append(_Planned(IMAGE_NEWLINE, newline, Q.F32))
     _write_file(writer, path, plan)
 
 

@@ -67,8 +67,10 @@ def config_to_hf(cfg: VLMConfig) -> dict:
               "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
               "num_channels": v.num_channels, "image_size": v.image_size, "patch_size": v.patch_size,
               "hidden_act": v.hidden_act, "layer_norm_eps": v.layer_norm_eps}
+    anyres = {"image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]} if cfg.anyres else {}
     return {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if cfg.anyres else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if cfg.anyres else "llava", **anyres,
         "vision_config": vision, "text_config": text, "image_token_index": cfg.image_token_id,
         "projector_hidden_act": cfg.projector.hidden_act, "multimodal_projector_bias": cfg.projector.bias,
         "vision_feature_layer": cfg.vision_feature_layer,
