@@ -289,3 +289,42 @@ def test_info_and_training_say_what_anyres_is(folder, tmp_path, capsys):
     with pytest.raises(UnsupportedModelError, match="LLaVA-NeXT"):
         train(TrainConfig(stage="align", model=str(folder), data=str(data), output_dir=str(tmp_path / "out"),
                           image_folder=str(tmp_path), progress=False))
+
+
+def test_served_through_the_ollama_and_openai_clients(models):
+    """Behind foveal's real server, the official clients get the model's own answers, and the reported
+    image token count is the sum of each image's size-dependent count."""
+    import base64
+    import io
+    import httpx
+    ollama = pytest.importorskip("ollama")
+    openai = pytest.importorskip("openai")
+    from live_server import MODEL, LiveServer
+    vlm, hf, processor = models
+    wide, tall = photo(200, 50, 1), photo(33, 95, 2)
+    blobs = []
+    for im in (wide, tall):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    direct = vlm.generate(conversation([wide, tall], "What is this?"), max_tokens=6, temperature=0)
+    expected_tokens = vlm.config.image_tokens((50, 200)) + vlm.config.image_tokens((95, 33))
+    with LiveServer(vlm) as server:
+        r = ollama.Client(host=server.url).chat(
+            model=MODEL, messages=[{"role": "user", "content": "What is this?", "images": blobs}],
+            options={"num_predict": 6, "temperature": 0})
+        body = httpx.post(server.url + "/api/chat", json={
+            "model": MODEL, "stream": False, "options": {"num_predict": 6, "temperature": 0},
+            "messages": [{"role": "user", "content": "What is this?",
+                          "images": [base64.b64encode(b).decode() for b in blobs]}]}).json()
+        show = httpx.post(server.url + "/api/show", json={"model": MODEL}).json()
+        uris = ["data:image/png;base64," + base64.b64encode(b).decode() for b in blobs]
+        o = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model=MODEL, max_tokens=6, temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in uris]
+                       + [{"type": "text", "text": "What is this?"}]}])
+    assert body["image_token_count"] == expected_tokens and body["image_count"] == 2
+    assert r.message.content == body["message"]["content"]
+    assert show["model_info"]["vision.image_grid_pinpoints"] == [x for p in tiny.NEXT_PINPOINTS for x in p]
+    assert o.usage.prompt_tokens == direct.stats.prompt_tokens
+    assert o.choices[0].message.content == direct.text
