@@ -328,3 +328,28 @@ def test_served_through_the_ollama_and_openai_clients(models):
     assert show["model_info"]["vision.image_grid_pinpoints"] == [x for p in tiny.NEXT_PINPOINTS for x in p]
     assert o.usage.prompt_tokens == direct.stats.prompt_tokens
     assert o.choices[0].message.content == direct.text
+
+
+def test_a_llava_16_model_in_an_ollama_store(folder, models, tmp_path, monkeypatch):
+    """`ollama:NAME` with a 1.6 text model + projector layer (what `ollama pull llava:7b` lays out) loads as
+    an anyres model and answers like the HF folder (F32 export, greedy)."""
+    import hashlib
+    from foveal.weights.gguf import read_hf_folder, write_gguf
+    vlm, hf, processor = models
+    text, mmproj = write_gguf(read_hf_folder(folder), tmp_path / "export", type="f32")
+    store = tmp_path / "ollama"
+    (store / "blobs").mkdir(parents=True)
+    layers = []
+    for path, media in ((text, "model"), (mmproj, "projector")):
+        data = path.read_bytes()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (store / "blobs" / digest.replace(":", "-")).write_bytes(data)
+        layers.append({"mediaType": f"application/vnd.ollama.image.{media}", "digest": digest, "size": len(data)})
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "llava" / "7b"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    pulled = foveal.load("ollama:llava:7b", dtype="float32")
+    assert pulled.config.anyres
+    messages = conversation([photo(33, 95, 3)], "Name it.")
+    assert pulled.generate(messages, max_tokens=8).token_ids == vlm.generate(messages, max_tokens=8).token_ids
