@@ -211,3 +211,32 @@ def test_prefill_in_another_thread_never_runs_in_the_decode_window(vlm_bf16, tmp
             h.remove()
     many = [on for rows, on in seen if rows > 1]
     assert len(many) >= 6 and all(many)
+
+
+def test_bf16_vision_rows_padded_to_a_multiple_of_8_give_the_same_features(tmp_path, monkeypatch):
+    """The CPU bf16 tower pads 17 token rows to 24 and masks the padding keys: features as accurate against
+    float32 as without padding, and the padded rows never leak into the real ones."""
+    import torch
+    import foveal.models.vision as V
+    folder = tiny.build_llava(tmp_path / "m", image_size=32, patch=8)     # 16 patches + CLS = 17 rows
+    ref = foveal.load(folder, dtype="float32")
+    vlm = foveal.load(folder, dtype="bfloat16")
+    px = torch.randn(2, 3, 32, 32)
+    seen = []
+    real_forward = V.VisionLayer.forward
+    with torch.inference_mode():
+        r = ref.model.encode_images(px)
+        monkeypatch.setattr(V.VisionLayer, "forward", lambda self, x, mask=None: seen.append(x.shape[1]) or
+                            real_forward(self, x, mask))
+        padded = vlm.model.encode_images(px)
+        assert set(seen) == {24}
+        monkeypatch.setattr(V, "ROW_MULTIPLE", 1)
+        plain = vlm.model.encode_images(px)
+        # garbage in the padding rows must not reach the real rows
+        monkeypatch.setattr(V, "ROW_MULTIPLE", 8)
+        monkeypatch.setattr(V.F, "pad", lambda x, p: torch.cat([x, torch.full_like(x[:, :p[3]], 1e4)], 1))
+        poisoned = vlm.model.encode_images(px)
+    assert padded.shape == plain.shape == r.shape
+    err = lambda x: ((x.float() - r).norm() / r.norm()).item()       # noqa: E731
+    assert err(padded) <= 1.5 * err(plain) + 1e-3
+    assert torch.equal(poisoned, padded)
