@@ -1,7 +1,5 @@
 """foveal.load on GGUF files (a text model + mmproj, as llama.cpp / Ollama / LM Studio keep them)."""
 
-import hashlib
-import json
 import subprocess
 import sys
 
@@ -46,18 +44,7 @@ def test_gguf_folder_pairs_model_and_mmproj(exported):
 
 def test_load_from_an_ollama_store(exported, tmp_path, monkeypatch):
     folder, model, mmproj = exported
-    store = tmp_path / "ollama"
-    blobs = store / "blobs"
-    blobs.mkdir(parents=True)
-    layers = []
-    for path, media in ((model, "model"), (mmproj, "projector")):
-        data = path.read_bytes()
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        (blobs / digest.replace(":", "-")).write_bytes(data)
-        layers.append({"mediaType": f"application/vnd.ollama.image.{media}", "digest": digest, "size": len(data)})
-    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tinyllava" / "latest"
-    manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+    store = tiny.ollama_store(tmp_path / "ollama", "tinyllava", "latest", [(model, "model"), (mmproj, "projector")])
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
     vlm = foveal.load("ollama:tinyllava", dtype="float32")
     ref = foveal.load(folder, dtype="float32")

@@ -333,21 +333,10 @@ def test_served_through_the_ollama_and_openai_clients(models):
 def test_a_llava_16_model_in_an_ollama_store(folder, models, tmp_path, monkeypatch):
     """`ollama:NAME` with a 1.6 text model + projector layer (what `ollama pull llava:7b` lays out) loads as
     an anyres model and answers like the HF folder (F32 export, greedy)."""
-    import hashlib
     from foveal.weights.gguf import read_hf_folder, write_gguf
     vlm, hf, processor = models
     text, mmproj = write_gguf(read_hf_folder(folder), tmp_path / "export", type="f32")
-    store = tmp_path / "ollama"
-    (store / "blobs").mkdir(parents=True)
-    layers = []
-    for path, media in ((text, "model"), (mmproj, "projector")):
-        data = path.read_bytes()
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        (store / "blobs" / digest.replace(":", "-")).write_bytes(data)
-        layers.append({"mediaType": f"application/vnd.ollama.image.{media}", "digest": digest, "size": len(data)})
-    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "llava" / "7b"
-    manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+    store = tiny.ollama_store(tmp_path / "ollama", "llava", "7b", [(text, "model"), (mmproj, "projector")])
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
     pulled = foveal.load("ollama:llava:7b", dtype="float32")
     assert pulled.config.anyres

@@ -218,3 +218,20 @@ def build_llava_next(folder: Path, *, text="llama", feature_layer=-2, image_size
                                    image_token="<image>")
     processor.save_pretrained(folder)
     return folder
+
+
+def ollama_store(root: Path, name: str, tag: str, layers: list[tuple[Path, str]]) -> Path:
+    """Lay files out as `ollama pull` does: blobs named by sha256, a manifest listing them with their
+    media types ("model", "projector") under manifests/registry.ollama.ai/library/NAME/TAG; returns root."""
+    import hashlib
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for path, media in layers:
+        data = Path(path).read_bytes()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (root / "blobs" / digest.replace(":", "-")).write_bytes(data)
+        entries.append({"mediaType": f"application/vnd.ollama.image.{media}", "digest": digest, "size": len(data)})
+    manifest = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": entries}))
+    return root
