@@ -17,7 +17,7 @@ import logging
 import time
 from contextlib import contextmanager
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -262,8 +262,7 @@ def _image_config(cfg: C.VLMConfig, image_processor: dict | None, raw: dict,
         if ipc.grid_pinpoints is not None and ipc.grid_pinpoints != cfg.image_grid_pinpoints:
             raise ConfigError(f"the image processor's image_grid_pinpoints {ipc.grid_pinpoints} differ from "
                               f"config.json's {cfg.image_grid_pinpoints}")
-        ipc = ImageProcessorConfig(**{**ipc.__dict__, "mode": "crop", "grid_pinpoints": cfg.image_grid_pinpoints})
-        return ipc
+        return replace(ipc, mode="crop", grid_pinpoints=cfg.image_grid_pinpoints)
     if raw.get("image_aspect_ratio") == "pad":     # original LLaVA-1.5 trained on padded squares
         ipc.mode = "pad"
     if image_mode is not None:
