@@ -450,19 +450,3 @@ def test_bad_options_raise_a_clear_config_error(call, message):
     with pytest.raises(ConfigError, match=message) as info:
         call()
     assert isinstance(info.value, (FovealError, ValueError))
-
-
-def test_instruct_conversations_put_the_description_last():
-    """A description names every object: turns after it could be answered from the text alone (the
-    held-out evaluation asks each question alone), so it is the last turn; the others stay shuffled."""
-    from foveal.data import generate
-    from foveal.data.export import llava_record
-    firsts, n_describe = set(), 0
-    for ex in generate(60, seed=5):
-        describe = {q.question for q in ex.questions if q.type == "describe"}
-        questions = [c["value"].removeprefix("<image>\n") for c in llava_record(ex)["conversations"][::2]]
-        if describe & set(questions):
-            n_describe += 1
-            assert questions[-1] in describe and not describe & set(questions[:-1])
-        firsts.add(next(q.type for q in ex.questions if q.question == questions[0]))
-    assert n_describe >= 50 and len(firsts) >= 4        # still shuffled: many types open a conversation

@@ -63,13 +63,9 @@ def llava_record(ex: Example, kind: str = "instruct", turns: int | None = None, 
         pairs = [(rng.choice(TEMPLATES["caption_prompt"]), caption)]
     else:
         # POPE asks a present object once per category; one conversation needs it once.
-        kinds = {(q.question, q.answer): q.type for q in ex.questions}
-        pairs = list(kinds)
+        pairs = list(dict.fromkeys((q.question, q.answer) for q in ex.questions))
         rng.shuffle(pairs)  # otherwise turn order would give the question type away
         pairs = pairs[:turns]
-        # A description lists the whole scene: every turn after it could be answered from the text
-        # instead of the image, while the held-out evaluation asks each question alone. It goes last.
-        pairs.sort(key=lambda qa: kinds[qa] == "describe")
     conversations = []
     for i, (question, answer) in enumerate(pairs):
         conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
