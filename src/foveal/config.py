@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, UnsupportedModelError
+from .processing.anyres import LLAVA_NEXT_PINPOINTS, check_pinpoints, layout
 
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 TEXT_TYPES = ("llama", "mistral", "qwen2")
@@ -53,7 +54,6 @@ TEXT_DEFAULTS = {
                   rope_theta=10000.0, attention_bias=True, mlp_bias=False, bos_token_id=None,
                   eos_token_id=None),
 }
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]   # LlavaNextConfig's
 LLAVA_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu",
                       vision_feature_select_strategy="default", vision_feature_layer=-2,
                       multimodal_projector_bias=True)
@@ -146,7 +146,6 @@ class VLMConfig:
 
     def image_layout(self, size: tuple[int, int]):
         """An anyres model's token layout for an image of (height, width) `size`."""
-        from .processing.anyres import layout
         return layout(size, self.image_grid_pinpoints, self.vision.image_size, self.vision.patch_size,
                       self.image_tokens_per_image)
 
@@ -328,7 +327,6 @@ def config_from_hf(d: dict) -> VLMConfig:
 
 
 def _pinpoints(value, vision: VisionConfig) -> tuple:
-    from .processing.anyres import check_pinpoints
     if vision.image_size % vision.patch_size:
         raise UnsupportedModelError(f"anyres tiling needs a tower whose image_size ({vision.image_size}) is a "
                                     f"multiple of its patch_size ({vision.patch_size})")

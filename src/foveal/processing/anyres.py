@@ -10,8 +10,9 @@ themselves ported from LLaVA-1.6's `process_anyres_image` / `unpad_image`):
   preprocessing (resize by the shortest edge: a no-op on a full tile, centre crop, normalize).
 - Features: the base view's rows; then the tiles' patch grids stitched into one grid, the rows or
   columns that only saw padding removed ("unpad"), and an `image_newline` vector after each row.
-- The number of image tokens depends on the image's size. `token_count` gives it from the size alone,
-  before any pixel is encoded, so the prompt can be built; `AnyresLayout` is what both sides read.
+- The number of image tokens depends on the image's size. `layout(size, ...).tokens` gives it from the
+  size alone, before any pixel is encoded, so the prompt can be built; `AnyresLayout` is what both
+  sides read.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from PIL import Image
 
 from foveal.errors import ConfigError
 
-LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # HF's default
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # LlavaNextConfig's default
 MAX_PINPOINTS = 64
 MAX_TILES = 64
 
