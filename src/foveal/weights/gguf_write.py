@@ -45,6 +45,7 @@ from foveal.weights.gguf import (
     TEXT_GLOBAL_NAMES, VISION_BLOCK_NAMES, VISION_GLOBAL_NAMES, HFCheckpoint,
     llama3_rope_factors, llama_qk_order,
 )
+from foveal.processing.anyres import LLAVA_NEXT_PINPOINTS
 from foveal.weights.gguf_tokenizer import vocab_from_tokenizer
 
 log = logging.getLogger(__name__)
@@ -419,7 +420,10 @@ def _write_mmproj(path: Path, ckpt: HFCheckpoint, float_type: Q, name: str) -> N
     writer.add_vision_use_gelu(act in ("gelu", "gelu_pytorch_tanh"))
     writer.add_vision_use_silu(act == "silu")
     writer.add_array("clip.vision.feature_layer", layers)
-    pinpoints = config.get("image_grid_pinpoints") if config.get("model_type") == "llava_next" else None
+    pinpoints = None
+    if config.get("model_type") == "llava_next":    # a sparse config.json takes LlavaNextConfig's default
+        pinpoints = config.get("image_grid_pinpoints")
+        pinpoints = LLAVA_NEXT_PINPOINTS if pinpoints is None else pinpoints
     if pinpoints is not None:   # LLaVA-1.6 anyres, as llama.cpp's llava-1.6 surgery writes it
         newline = _need(ckpt.tensors, "image_newline")
         writer.add_array("clip.vision.image_grid_pinpoints", [int(x) for p in pinpoints for x in p])
