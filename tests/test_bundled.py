@@ -21,7 +21,7 @@ from foveal.cli import main as cli_main
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HELD_OUT_SEED = 777_001          # not the recipe's training seed (0) nor its CLIP check seed (7919)
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-               "preprocessor_config.json")
+               "preprocessor_config.json", "processor_config.json")
 
 pytestmark = pytest.mark.skipif(not (ASSET_DIR / "config.json").exists(), reason="no bundled model installed")
 
@@ -90,6 +90,22 @@ def test_foveal_and_transformers_agree_on_held_out_questions(ours, hf):
                               do_sample=False)[0, ids.shape[1]:].tolist()
         ref = ref[:next((i for i, t in enumerate(ref) if t in eos), len(ref))]
         assert ours.generate(messages, max_tokens=64).token_ids == ref, question
+
+
+def test_transformers_autoprocessor_prepares_what_foveal_does(ours):
+    """processor_config.json ships with the model: LlavaProcessor expands <image> to the image's 64 tokens
+    and its pixels equal foveal's."""
+    from transformers import AutoProcessor
+    from foveal.processing.images import load_image, preprocess_batch
+    image, question = str(EXAMPLES / "shapes.png"), "How many shapes are there?"
+    processed = AutoProcessor.from_pretrained(ASSET_DIR).apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "path": image}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    ids, _ = ours.prompt_logits([{"role": "user", "content": [{"type": "image", "image": image},
+                                                              {"type": "text", "text": question}]}])
+    assert processed["input_ids"][0].tolist() == ids
+    pixels = preprocess_batch([load_image(image).image], ours.image_config)
+    assert (processed["pixel_values"] - pixels).abs().max().item() <= 1e-5
 
 
 def test_bundled_model_gives_the_recorded_answers_to_the_example_questions(ours):

@@ -208,6 +208,11 @@ def test_full_instruct_from_a_transformers_checkpoint_matches_transformers(world
     inputs = ours.prompt.build(template_messages, n_images=1)
     pixels = preprocess_batch([load_image(image).image], ours.image_config)
     ids = torch.tensor([inputs.input_ids])
+    hf_messages = [{"role": "user", "content": [{"type": "image", "path": image},
+                                                {"type": "text", "text": "How many shapes are there?"}]}]
+    processed = tiny.hf_processor(out).apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True,
+                                                             return_dict=True, return_tensors="pt")
+    assert processed["input_ids"][0].tolist() == inputs.input_ids       # processor_config.json: the image expands
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                           max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()

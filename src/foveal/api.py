@@ -240,10 +240,11 @@ def _find_tower(cfg: C.VLMConfig, folder: Path, vision_tower) -> Path:
 
 
 def _from_folder_image_processor(folder: Path) -> dict | None:
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        if (folder / name).exists():
-            d = _read_json(folder / name)
-            return d.get("image_processor", d)
+    if (folder / "preprocessor_config.json").exists():
+        d = _read_json(folder / "preprocessor_config.json")
+        return d.get("image_processor", d)
+    if (folder / "processor_config.json").exists():      # newer transformers nest it here; else it only
+        return _read_json(folder / "processor_config.json").get("image_processor")   # holds patch_size & co.
     return None
 
 

@@ -216,7 +216,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
 
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-               "preprocessor_config.json", "generation_config.json")
+               "preprocessor_config.json", "processor_config.json", "generation_config.json")
 
 
 def _publish(src: Path, dst: Path) -> None:

@@ -117,4 +117,17 @@ def save_checkpoint(model: torch.nn.Module, cfg: VLMConfig, folder: Path, *, tok
         (folder / "chat_template.jinja").write_text(chat_template)
     if image_processor:
         (folder / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
+    if cfg.vision is not None:
+        (folder / "processor_config.json").write_text(json.dumps(processor_config(cfg, tokenizer_json), indent=2))
     return folder
+
+
+def processor_config(cfg: VLMConfig, tokenizer_json: str) -> dict:
+    """processor_config.json, as the llava-hf repos ship it: without patch_size, transformers'
+    LlavaProcessor / LlavaNextProcessor leave one `<image>` per image instead of expanding it to the
+    image's token count, and the model refuses the prompt."""
+    token = next((t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])
+                  if t.get("id") == cfg.image_token_id), "<image>")
+    return {"processor_class": "LlavaNextProcessor" if cfg.anyres else "LlavaProcessor", "image_token": token,
+            "patch_size": cfg.vision.patch_size, "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+            "num_additional_image_tokens": 0 if cfg.vision.is_siglip else 1}
