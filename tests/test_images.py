@@ -28,6 +28,7 @@ from foveal.processing.images import (
     ImageLimits,
     ImageProcessorConfig,
     LoadedImage,
+    image_size,
     load_image,
     preprocess,
     preprocess_batch,
@@ -308,6 +309,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation, transpose, fmt):
     loaded = load_image(path)
     assert loaded.image.size == expected.size == ((40, 20) if orientation < 5 else (20, 40))
     assert np.array_equal(np.asarray(loaded.image), np.asarray(expected))
+    assert image_size(path) == (loaded.height, loaded.width)      # from the header, as training counts tokens
 
 
 def test_animated_gif_gives_the_first_frame(tmp_path):

@@ -275,20 +275,119 @@ def test_plan_counts_the_largest_tiling(folder):
     assert any("anyres" in n for n in p.notes)
 
 
-def test_info_and_training_say_what_anyres_is(folder, tmp_path, capsys):
+def test_info_says_what_anyres_is(folder, capsys):
     from foveal.cli import main
     assert main(["info", str(folder), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["architecture"] == "LlavaNextForConditionalGeneration"
     assert d["image_grid_pinpoints"] == tiny.NEXT_PINPOINTS and d["max_image_tokens"] > d["image_tokens_per_image"]
+
+
+# ---- training (LLaVA-NeXT fine-tuning): the loss and gradients transformers computes ----------------
+TRAIN_SIZES = [(45, 37), (200, 50), (20, 61)]      # (w, h): 2x2, 1x3 and 2x1 tile grids (+ a base view each)
+
+
+def anyres_data(tmp_path, two_images=True):
+    """LLaVA-format records whose images differ in size, one record with two images."""
+    for i, (w, h) in enumerate(TRAIN_SIZES):
+        photo(w, h, 10 + i).save(tmp_path / f"{i}.png")
+    records = [{"id": "a", "image": "0.png", "conversations": [
+                   {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red square."},
+                   {"from": "human", "value": "And its size?"}, {"from": "gpt", "value": "Small."}]},
+               {"id": "b", "image": "1.png", "conversations": [
+                   {"from": "human", "value": "How many?\n<image>"}, {"from": "gpt", "value": "Three shapes."}]}]
+    if two_images:
+        records.append({"id": "c", "image": ["2.png", "0.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No, they differ."}]})
     data = tmp_path / "data.json"
-    data.write_text(json.dumps([{"id": "0", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]}]))
-    photo(40, 20, 1).save(tmp_path / "a.png")
+    data.write_text(json.dumps(records))
+    return data
+
+
+def test_training_loss_and_gradients_match_transformers(folder, tmp_path):
+    """A right-padded batch of three records (images of three tile grids, one record with two images):
+    the loss equals LlavaNextForConditionalGeneration's with the same labels, and so do the gradients
+    of the projector, image_newline, the LM and the vision tower."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from foveal.train.datasets import ConversationDataset
+    from foveal.train.trainer import CausalLMLoss
+    data = anyres_data(tmp_path)
+    vlm = foveal.load(folder, dtype="float32")
+    hf = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder)
+    ds = ConversationDataset.from_file(data, vlm, tmp_path)
+    b = ds.collate([0, 1, 2])
+    assert b["views"] == [5, 4, 3, 5] and b["sizes"] == [(37, 45), (50, 200), (61, 20), (37, 45)]
+    n_image = [vlm.config.image_tokens(s) for s in b["sizes"]]
+    assert b["image_mask"].sum(1).tolist() == [n_image[0], n_image[1], n_image[2] + n_image[3]]
+
+    vlm.model.requires_grad_(True)
+    ours = CausalLMLoss(vlm.model, train_vision=True)(b["input_ids"], b["labels"], b["image_mask"], b["pixels"],
+                                                      b["views"], b["sizes"])
+    count = int((b["labels"][:, 1:] != -100).sum())
+    (ours / count).backward()
+
+    ids = b["input_ids"].masked_fill(b["image_mask"], hf.config.image_token_id)
+    images = [Image.open(tmp_path / n).convert("RGB") for n in ("0.png", "1.png", "2.png", "0.png")]
+    pix = processor.image_processor(images, return_tensors="pt")
+    assert pix["image_sizes"].tolist() == [list(s) for s in b["sizes"]]
+    ref = hf(input_ids=ids, pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"], labels=b["labels"]).loss
+    ref.backward()
+    assert abs(ours.item() / count - ref.item()) <= 1e-5 * ref.item()
+    theirs = dict(hf.named_parameters())
+    for name, p in vlm.model.named_parameters():
+        if name in ("multi_modal_projector.linear_1.weight", "image_newline",
+                    "language_model.layers.0.mlp.down_proj.weight",
+                    "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"):
+            g = theirs["model." + name].grad
+            assert g is not None and g.abs().max() > 0, name
+            assert (p.grad - g).abs().max().item() <= 1e-4 * g.abs().max().item() + 1e-7, name
+
+
+def test_instruct_fine_tunes_an_anyres_model(folder, tmp_path):
+    """Full fine-tuning trains image_newline with the projector and writes a LLaVA-NeXT checkpoint that
+    transformers reads with the same logits; LoRA leaves image_newline (not a PEFT module) as it was."""
+    from transformers import LlavaNextForConditionalGeneration
     from foveal.train.trainer import TrainConfig, train
-    with pytest.raises(UnsupportedModelError, match="LLaVA-NeXT"):
-        train(TrainConfig(stage="align", model=str(folder), data=str(data), output_dir=str(tmp_path / "out"),
-                          image_folder=str(tmp_path), progress=False))
+    data = anyres_data(tmp_path)
+    fast = dict(progress=False, plot=False, precision="fp32", warmup_ratio=0.0, batch_size=3, image_folder=str(tmp_path))
+    base = foveal.load(folder, dtype="float32")
+    result = train(TrainConfig(stage="instruct", model=str(folder), data=str(data), output_dir=str(tmp_path / "full"),
+                               lr_lm=1e-2, lr_projector=1e-2, max_steps=4, **fast))
+    assert result.losses[-1] < result.losses[0]
+    tuned = foveal.load(tmp_path / "full", dtype="float32")
+    assert tuned.config.anyres and tuned.config.image_grid_pinpoints == base.config.image_grid_pinpoints
+    assert not torch.equal(tuned.model.image_newline, base.model.image_newline)
+    images = [photo(200, 50, 11)]
+    ids, logits = tuned.prompt_logits(conversation(images))
+    hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "full", dtype=torch.float32).eval()
+    from transformers import AutoProcessor
+    inputs = hf_inputs(AutoProcessor.from_pretrained(tmp_path / "full"), images)
+    assert ids == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        assert (logits - hf(**inputs).logits[0]).abs().max().item() <= 1e-4
+
+    lora = train(TrainConfig(stage="instruct", model=str(folder), data=str(data), output_dir=str(tmp_path / "lora"),
+                             lora=True, lora_r=4, lr_lora=1e-2, lr_projector=1e-2, max_steps=2, merge=True, **fast))
+    merged = foveal.load(lora.model_dir, dtype="float32")
+    assert torch.equal(merged.model.image_newline, base.model.image_newline)
+    assert not torch.equal(merged.model.multi_modal_projector.linear_1.weight,
+                           base.model.multi_modal_projector.linear_1.weight)
+
+
+def test_anyres_training_data_errors_name_the_record(folder, tmp_path):
+    from foveal.train.datasets import ConversationDataset, DatasetError
+    data = anyres_data(tmp_path, two_images=False)
+    vlm = foveal.load(folder, dtype="float32")
+    (tmp_path / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DatasetError, match=r"record 'b'.*1\.png"):
+        ConversationDataset.from_file(data, vlm, tmp_path)
+    photo(200, 50, 11).save(tmp_path / "1.png")
+    ds = ConversationDataset.from_file(data, vlm, tmp_path)
+    photo(50, 200, 11).save(tmp_path / "1.png")       # replaced after reading: its token count is stale
+    with pytest.raises(DatasetError, match=r"record 'b'.*now 50x200, it was 200x50"):
+        ds.collate([0, 1])
+    assert ds.collate([0])["views"] == [5]
 
 
 def test_served_through_the_ollama_and_openai_clients(models):

@@ -92,6 +92,21 @@ def load_image(source, limits: ImageLimits | None = None) -> LoadedImage:
     return LoadedImage(image=rgb, sha256=digest.hexdigest(), width=rgb.width, height=rgb.height)
 
 
+def image_size(path: Path, limits: ImageLimits | None = None) -> tuple[int, int]:
+    """(height, width) of an image file as `load_image` would return it (EXIF orientation applied),
+    from its header: nothing is decoded. Training reads it to count an anyres image's tokens."""
+    limits = limits or ImageLimits()
+    origin = f"file {str(path)!r}"
+    image = _open_header(_read_file(Path(path), limits), _ALLOWED_FORMATS, origin)
+    _check_size(image.size, limits)
+    width, height = image.size
+    try:
+        turned = image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)   # exif_transpose swaps the sides
+    except _DECODE_ERRORS:
+        turned = False                     # as _apply_exif_orientation: a bad EXIF block is ignored
+    return (width, height) if turned else (height, width)
+
+
 def _from_string(text: str, limits: ImageLimits) -> Image.Image:
     if text.startswith("data:"):
         return _decode(_parse_data_uri(text, limits), limits, "data URI")
@@ -213,6 +228,9 @@ def _open_header(data: bytes, formats: tuple[str, ...], origin: str) -> Image.Im
 def _bomb_pixels(error: Exception) -> str:
     found = re.search(r"\((\d+) pixels\)", str(error))
     return f"{found.group(1)} pixels" if found else str(error)
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:

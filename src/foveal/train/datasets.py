@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FovealError, ImageError, PromptError
-from ..processing.images import ImageLimits, load_image, preprocess_batch
+from ..processing.images import ImageLimits, image_size, load_image, preprocess_batch, preprocess_views
 from ..processing.prompt import IMAGE_PLACEHOLDER, normalize_messages
 
 IGNORE_INDEX = -100
@@ -54,6 +54,7 @@ class TrainExample:
     labels: list[int]
     image_mask: list[bool]
     images: list[Path]
+    image_sizes: list[tuple[int, int]] | None = None    # (height, width) per image, anyres models only
 
     @property
     def n_label_tokens(self) -> int:
@@ -156,8 +157,10 @@ class _PrefixSpans:
         return RenderedChat(full.text, spans)
 
 
-def tokenize(record: Record, prompt, eos_id: int | None, max_length: int | None = None) -> TrainExample:
-    """One record -> ids, labels (assistant tokens + their EOS), image mask."""
+def tokenize(record: Record, prompt, eos_id: int | None, max_length: int | None = None,
+             image_sizes: list[tuple[int, int]] | None = None, image_tokens: list[int] | None = None) -> TrainExample:
+    """One record -> ids, labels (assistant tokens + their EOS), image mask. image_tokens: each image's
+    token count where it depends on the image (anyres), measured at image_sizes."""
     template_messages, sources = normalize_messages(record.messages, prompt.template)
     if not re.search(r"{%-?\s*generation\s*-?%}", prompt.template):
         import copy
@@ -166,7 +169,7 @@ def tokenize(record: Record, prompt, eos_id: int | None, max_length: int | None 
         prompt = view
     try:
         built = prompt.build(template_messages, n_images=len(sources), add_generation_prompt=False,
-                             track_assistant=True)
+                             track_assistant=True, image_tokens=image_tokens)
     except PromptError as e:
         raise DatasetError(f"record {record.id!r}: {e}") from None
     ids, image_mask = list(built.input_ids), list(built.image_mask)
@@ -192,16 +195,18 @@ def tokenize(record: Record, prompt, eos_id: int | None, max_length: int | None 
             raise DatasetError(f"record {record.id!r} is {len(ids)} tokens long and its image tokens end at "
                                f"{last_image + 1}, past --max-length {max_length}; raise --max-length or shorten it")
         ids, labels, image_mask = ids[:max_length], labels[:max_length], image_mask[:max_length]
-    return TrainExample(record.id, ids, labels, image_mask, record.images)
+    return TrainExample(record.id, ids, labels, image_mask, record.images, image_sizes)
 
 
 class ConversationDataset:
     """Tokenized examples of one LLaVA file; pixels are loaded per batch by `collate`."""
 
-    def __init__(self, examples: list[TrainExample], image_config=None, image_limits: ImageLimits | None = None):
+    def __init__(self, examples: list[TrainExample], image_config=None, image_limits: ImageLimits | None = None,
+                 anyres: bool = False):
         self.examples = examples
         self.image_config = image_config
         self.image_limits = image_limits or ImageLimits()
+        self.anyres = anyres          # LLaVA-NeXT: each image is its own views and token count
 
     @classmethod
     def from_file(cls, path, vlm, image_folder=None, max_length: int | None = None) -> ConversationDataset:
@@ -211,34 +216,56 @@ class ConversationDataset:
             raise DatasetError(f"record {first.id!r} has an image but the model has no vision tower")
         eos = sorted(vlm.tokenizer.eos_ids() or set(vlm.config.text.eos_token_id))
         max_length = max_length or vlm.config.text.max_position_embeddings
-        examples = [tokenize(r, vlm.prompt, eos[0] if eos else None, max_length) for r in records]
+        limits, anyres = vlm.image_limits, vlm.config.anyres
+        examples = []
+        for r in records:
+            sizes = counts = None
+            if anyres:      # the token count depends on the image's size: read it from the header
+                try:
+                    sizes = [image_size(p, limits) for p in r.images]
+                except ImageError as err:
+                    raise DatasetError(f"record {r.id!r}: {err}") from None
+                counts = [vlm.config.image_tokens(s) for s in sizes]
+            examples.append(tokenize(r, vlm.prompt, eos[0] if eos else None, max_length, sizes, counts))
         useless = [e.id for e in examples if e.n_label_tokens == 0]
         if useless:
             raise DatasetError(f"record {useless[0]!r} has no answer tokens left after truncation to "
                                f"--max-length {max_length}")
-        return cls(examples, vlm.image_config, vlm.image_limits)
+        return cls(examples, vlm.image_config, vlm.image_limits, anyres)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def collate(self, indices: list[int], pad_id: int = 0) -> dict:
-        """Examples -> right-padded tensors: input_ids, labels, image_mask (B, T), pixels (N, 3, H, W)."""
+        """Examples -> right-padded tensors: input_ids, labels, image_mask (B, T), pixels (N, 3, H, W).
+        An anyres model's pixels are every image's views in order, (sum of 1 + tiles, 3, S, S), with
+        "views" (views per image) and "sizes" ((height, width) per image) to pack their features."""
         batch = [self.examples[i] for i in indices]
         T = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), T), dtype=torch.bool)
-        images = []
+        images, sizes = [], []
         for row, e in enumerate(batch):
             n = len(e.input_ids)
             ids[row, :n] = torch.tensor(e.input_ids).clamp_min(0)     # IMAGE_SLOT (-1) -> 0: overwritten
             labels[row, :n] = torch.tensor(e.labels)
             mask[row, :n] = torch.tensor(e.image_mask)
-            for p in e.images:
+            for k, p in enumerate(e.images):
                 try:
-                    images.append(load_image(p, self.image_limits).image)
+                    loaded = load_image(p, self.image_limits)
                 except (ImageError, OSError) as err:
                     raise DatasetError(f"record {e.id!r}: image {p} cannot be used: {err}") from None
-        pixels = preprocess_batch(images, self.image_config) if images else None
-        return {"input_ids": ids, "labels": labels, "image_mask": mask, "pixels": pixels,
-                "ids": [e.id for e in batch]}
+                if e.image_sizes is not None and (loaded.height, loaded.width) != tuple(e.image_sizes[k]):
+                    h, w = e.image_sizes[k]
+                    raise DatasetError(f"record {e.id!r}: image {p} is now {loaded.width}x{loaded.height}, "
+                                       f"it was {w}x{h} when the data was read (its token count depends on it)")
+                images.append(loaded.image)
+                sizes.append((loaded.height, loaded.width))
+        out = {"input_ids": ids, "labels": labels, "image_mask": mask, "pixels": None, "ids": [e.id for e in batch]}
+        if images and self.anyres:
+            views = [preprocess_views(im, self.image_config) for im in images]
+            out |= {"pixels": torch.cat(views), "views": [v.shape[0] for v in views], "sizes": sizes}
+        elif images:
+            out["pixels"] = preprocess_batch(images, self.image_config)
+        return out

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, FovealError, UnsupportedModelError
+from ..errors import ConfigError, FovealError
+from ..processing import anyres
 from .datasets import IGNORE_INDEX, ConversationDataset
 from .lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
 from .state import list_checkpoints, load_state, optimizer_from_files, restore_rng, save_state
@@ -191,7 +192,7 @@ def budget_lr_factor(step: int, total: int, warmup: int, elapsed_s: float, budge
 def part_of(name: str) -> str:
     if ".lora_A." in name or ".lora_B." in name:
         return "lora"
-    if name.startswith("multi_modal_projector."):
+    if name.startswith("multi_modal_projector.") or name == "image_newline":    # LLaVA-NeXT's row separator
         return "projector"
     if name.startswith("vision_tower."):
         return "vision"
@@ -216,6 +217,8 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, list[tu
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():       # tied weights appear once
         part = part_of(name)
+        if cfg.lora and name == "image_newline":
+            continue        # a PEFT adapter holds modules (modules_to_save), not a bare parameter: it stays
         if part in trained:
             p.requires_grad_(True)
             groups.setdefault(part, []).append((name, p))
@@ -232,13 +235,18 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.train_vision = train_vision
 
-    def forward(self, input_ids, labels, image_mask, pixels):
+    def forward(self, input_ids, labels, image_mask, pixels, views=None, sizes=None):
+        """views, sizes: an anyres model's views per image and (height, width) per image (see collate)."""
         m = self.model
         image_embeds = None
         if pixels is not None:
             with nullcontext() if self.train_vision else torch.no_grad():
                 features = m.image_features(pixels)                     # (N, P, D_vision)
             image_embeds = m.project(features)                          # (N, P, D)
+            if views is not None:       # each image's views -> its rows (T_i, D), as encode_anyres packs them
+                rows = [anyres.pack(f, m.cfg.image_layout(size), m.image_newline)
+                        for f, size in zip(image_embeds.split(views), sizes)]
+                image_embeds = torch.cat(rows)[None]                    # (1, sum T_i, D)
         embeds = m.embed(input_ids, image_mask if pixels is not None else None, image_embeds)  # (B, T, D)
         T = embeds.shape[1]
         hidden = m.language_model(embeds, torch.arange(T, device=embeds.device))     # (B, T, D)
@@ -263,10 +271,6 @@ class Trainer:
         if vlm is None:
             from ..api import load
             vlm = load(cfg.model, device=device, dtype="float32")
-        if vlm.config.anyres:
-            raise UnsupportedModelError(f"{cfg.model}: training a LLaVA-NeXT (anyres) model is not supported yet: "
-                                        f"its images take a size-dependent number of tiles and tokens; foveal runs, "
-                                        f"serves and quantizes it")
         self.vlm = vlm
         self.model = vlm.model
         self.model.language_model.drop_cache()
@@ -453,7 +457,8 @@ class Trainer:
                     with autocast:
                         total = self.forward(b["input_ids"].to(self.device), b["labels"].to(self.device),
                                              b["image_mask"].to(self.device),
-                                             b["pixels"].to(self.device) if b["pixels"] is not None else None)
+                                             b["pixels"].to(self.device) if b["pixels"] is not None else None,
+                                             b.get("views"), b.get("sizes"))
                     (total * (d.world / global_tokens)).backward()
                 loss_sum += float(total.detach())
             params = [p for part in self.groups.values() for _, p in part]
