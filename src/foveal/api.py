@@ -27,6 +27,7 @@ from .engine.constrain import json_constraint
 from .engine.generate import Chunk, Engine, GenerationResult, Stats
 from .engine.sampling import SamplingOptions
 from .errors import ConfigError, FovealError, ModelNotFoundError, PromptError
+from .models.placement import check_gpu_layers, device_of, place
 from .models.vlm import VisionLanguageModel
 from .processing.images import ImageLimits, ImageProcessorConfig, load_image, preprocess_batch, preprocess_views
 from .processing.prompt import IMAGE_PLACEHOLDER, PromptBuilder, Tokenizer, find_chat_template, normalize_messages
@@ -161,10 +162,10 @@ class VLM:
             if todo:
                 with torch.inference_mode():
                     if self.config.anyres:     # one image at a time: each has its own tile count
-                        new = [self.model.encode_anyres(p.to(self.device), (im.height, im.width))
+                        new = [self.model.encode_anyres(p.to(self.model.vision_device), (im.height, im.width))
                                for im, p in zip(todo, pixels)]
                     else:
-                        new = self.model.encode_images(pixels.to(self.device))
+                        new = self.model.encode_images(pixels.to(self.model.vision_device))
                 for im, e in zip(todo, new):
                     self._image_cache[im.sha256] = e
             embeds = torch.cat([self._image_cache[im.sha256] for im in loaded])[None]    # (1, image tokens, D)
@@ -320,14 +321,17 @@ def _locate(ref, mmproj, dtype) -> _Checkpoint:
 
 def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=None, mmproj=None,
          context_length: int | None = None, image_limits: ImageLimits | None = None,
-         image_mode: str | None = None) -> VLM:
+         image_mode: str | None = None, gpu_layers: int | None = None) -> VLM:
     """Load a model from a reference: an HF folder (LLaVA, original LLaVA + CLIP tower, text LM),
-    a GGUF file (+ mmproj), `hf:ORG/NAME`, `ollama:NAME[:TAG]`, `lmstudio:PUB/REPO`."""
+    a GGUF file (+ mmproj), `hf:ORG/NAME`, `ollama:NAME[:TAG]`, `lmstudio:PUB/REPO`.
+    gpu_layers (device="cuda"): only the last N decoder layers (with the vision tower, projector and
+    head) on the GPU, the rest on the CPU, as `foveal plan` suggests for a GPU too small for the model."""
     t0 = time.perf_counter()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     ck = _locate(ref, mmproj, dtype)
     cfg = C.config_from_hf(ck.raw_config)
+    offload = check_gpu_layers(gpu_layers, device, cfg.text.num_hidden_layers)
     sources = ck.sources
     tower = None
     if cfg.layout == "original":
@@ -343,13 +347,17 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
                                              skip=frozenset({"lm_head"} if cfg.text.tie_word_embeddings else ()))
     tied = cfg.text.tie_word_embeddings and not Q.head_is_quantized(model)
     optional = {"lm_head.weight"} if tied else set()
-    unused = load_into(model, sources, dtype, device, optional=optional)
+    n_layers = cfg.text.num_hidden_layers
+    where = device if offload is None else (lambda name: device_of(name, n_layers, offload, device))
+    unused = load_into(model, sources, dtype, where, optional=optional)
     if unused:
         log.info("%s: %d checkpoint tensor(s) not used by this model (e.g. %s)", ck.path, len(unused), unused[0])
     if tied or not cfg.text.tie_word_embeddings:
         model.tie_weights()
+    if offload is not None:
+        place(model, device, offload)       # layers quantized on the CPU, a tied head's GPU copy
     Q.after_load(model, saved_quant, want_quant)
-    model.language_model.init_rope(device)
+    model.language_model.init_rope(model.input_device)
     model.eval().requires_grad_(False)
 
     tokenizer = ck.tokenizer

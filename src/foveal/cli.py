@@ -20,6 +20,9 @@ from .errors import FovealError
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
+                   help="with --device cuda: only the last N decoder layers on the GPU, the rest on the CPU, "
+                        "for a GPU too small for the model (`foveal plan` suggests N; default: all)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: bfloat16 where the "
                                                    "hardware supports it)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
@@ -57,7 +60,7 @@ def _load(args, model):
     from .api import load
     return load(model, device=args.device, dtype=args.dtype, context_length=args.ctx,
                 vision_tower=args.vision_tower, image_mode=args.image_mode, mmproj=args.mmproj,
-                quant=getattr(args, "quant", None))
+                quant=getattr(args, "quant", None), gpu_layers=args.gpu_layers)
 
 
 def _print_stats(stats, out=sys.stderr) -> None:
@@ -266,7 +269,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO if args.access_log else logging.WARNING, format="%(message)s")
     serve(args.models, config, dict(device=args.device, dtype=args.dtype, context_length=args.ctx,
                                     vision_tower=args.vision_tower, image_mode=args.image_mode,
-                                    mmproj=args.mmproj, quant=args.quant))
+                                    mmproj=args.mmproj, quant=args.quant, gpu_layers=args.gpu_layers))
     return 0
 
 
@@ -276,7 +279,7 @@ def cmd_quantize(args) -> int:
     from .quant.check import compare, load_samples
     samples = load_samples(args.check) if args.check else None
     opts = dict(device=args.device, dtype=args.dtype, context_length=args.ctx, vision_tower=args.vision_tower,
-                mmproj=args.mmproj)
+                mmproj=args.mmproj, gpu_layers=args.gpu_layers)
     vlm = load(args.model, **opts)
     plan = quantize_model(vlm.model, args.mode, args.group_size, vision=args.vision, symmetric=args.symmetric)
     out = save_quantized(vlm.model, vlm.config, vlm.path, args.out)

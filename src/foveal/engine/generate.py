@@ -82,7 +82,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = set(eos_ids)
         self.context_length = context_length
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = torch.device(device), dtype    # the model's main device; ids and positions
+        # go in on the embedding's (model.input_device: the CPU when split by --gpu-layers)
         self.lock = threading.RLock()
         self._cached_keys: list = []
 
@@ -91,7 +92,7 @@ class Engine:
         if lm.max_cache_len >= needed and lm.layers[0].self_attn.kv_cache is not None:
             return
         size = min(-(-needed // CACHE_BLOCK) * CACHE_BLOCK, max(self.context_length, needed))
-        lm.setup_cache(1, size, self.dtype, self.device)
+        lm.setup_cache(1, size, self.dtype)
         self._cached_keys = []
 
     def reset(self) -> None:
@@ -104,10 +105,11 @@ class Engine:
         with self.lock:
             self._ensure_cache(len(input_ids))
             self._cached_keys = []
-            ids = torch.tensor([input_ids], device=self.device)
-            mask = torch.tensor([image_mask], device=self.device)
+            dev = self.model.input_device
+            ids = torch.tensor([input_ids], device=dev)
+            mask = torch.tensor([image_mask], device=dev)
             embeds = self.model.embed(ids, mask if any(image_mask) else None, image_embeds)
-            return self.model(embeds, torch.arange(len(input_ids), device=self.device))[0]
+            return self.model(embeds, torch.arange(len(input_ids), device=dev))[0]
 
     @torch.inference_mode()
     def stream(self, input_ids: list[int], image_mask: list[bool], image_embeds: torch.Tensor | None,
@@ -129,16 +131,17 @@ class Engine:
             reuse = _common_prefix(self._cached_keys, keys)
             reuse = min(reuse, n_prompt - 1)
             stats.cached_tokens = reuse
-            ids = torch.tensor([input_ids], device=self.device)
-            mask = torch.tensor([image_mask], device=self.device)
+            dev = self.model.input_device
+            ids = torch.tensor([input_ids], device=dev)
+            mask = torch.tensor([image_mask], device=dev)
             embeds = self.model.embed(ids, mask if stats.image_tokens else None, image_embeds)
             self._cached_keys = []          # invalid until prefill completes
             t0 = time.perf_counter()
-            pos = torch.arange(reuse, n_prompt, device=self.device)
+            pos = torch.arange(reuse, n_prompt, device=dev)
             logits = self.model(embeds[:, reuse:], pos, last_only=True)[0, -1]
             stats.prefill_s = time.perf_counter() - t0
             self._cached_keys = keys
-            sampler = Sampler(opts, logits.shape[-1], self.device, input_ids if opts.repetition_penalty != 1 else None)
+            sampler = Sampler(opts, logits.shape[-1], logits.device, input_ids if opts.repetition_penalty != 1 else None)
             decoder = StreamDecoder(self.tokenizer)
             out_ids: list[int] = []
             pending: list[int] = []         # ids whose text has not been sent yet
@@ -174,9 +177,9 @@ class Engine:
                     break
                 if step == max_new - 1:
                     break
-                pos = torch.tensor([n_prompt + step], device=self.device)
+                pos = torch.tensor([n_prompt + step], device=dev)
                 logits = self.model(self.model.language_model.embed_tokens(
-                    torch.tensor([[token]], device=self.device)), pos)[0, -1]
+                    torch.tensor([[token]], device=dev)), pos)[0, -1]
                 token = pick(logits)
             if finish != "stop" or not opts.stop:
                 text += decoder.flush()

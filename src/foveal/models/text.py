@@ -172,15 +172,16 @@ class TextModel(nn.Module):
         """Fill the (non-persistent) RoPE buffer; call after the module left the meta device."""
         self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings).to(device)
 
-    def setup_cache(self, batch: int, max_len: int, dtype, device) -> None:
-        """Allocate the static KV cache once; later calls with the same size reuse it."""
+    def setup_cache(self, batch: int, max_len: int, dtype) -> None:
+        """Allocate the static KV cache once, each layer's on that layer's device (a model split by
+        --gpu-layers has two); later calls with the same size reuse it."""
         if self.max_cache_len == max_len and self.layers and self.layers[0].self_attn.kv_cache is not None:
             cache = self.layers[0].self_attn.kv_cache
-            if cache.k.shape[0] == batch and cache.k.dtype == dtype and cache.k.device == torch.device(device):
+            if cache.k.shape[0] == batch and cache.k.dtype == dtype:
                 return
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_key_value_heads, max_len,
-                                               self.cfg.head_dim, dtype, device)
+            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
+                                               dtype, layer.input_layernorm.weight.device)
         self.max_cache_len = max_len
 
     def drop_cache(self) -> None:
@@ -220,8 +221,16 @@ class TextModel(nn.Module):
                 attn = AttnSpec(slots[None, :] <= input_pos[:, None], False, kv_len)   # (T, kv_len)
         x = embeds
         for layer in self.layers:
+            if layer.input_layernorm.weight.device != x.device:   # split by --gpu-layers: cross once
+                x, cos, sin, input_pos, attn = _to_device(layer.input_layernorm.weight.device, x, cos, sin, input_pos,
+                                                          attn)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, input_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attn, input_pos)
-        return self.norm(x)
+        return self.norm(x.to(self.norm.weight.device))
+
+
+def _to_device(device, x, cos, sin, input_pos, attn: AttnSpec):
+    mask = None if attn.mask is None else attn.mask.to(device)
+    return x.to(device), cos.to(device), sin.to(device), input_pos.to(device), attn._replace(mask=mask)

@@ -39,6 +39,16 @@ class VisionLanguageModel(nn.Module):
     def has_vision(self) -> bool:
         return self.cfg.vision is not None
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids and positions go in: the embedding's device (the CPU when split by --gpu-layers)."""
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def vision_device(self) -> torch.device:
+        """Where pixels go in."""
+        return self.vision_tower.embeddings.patch_embedding.weight.device if self.has_vision else self.input_device
+
     def tie_weights(self) -> None:
         if self.cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
@@ -77,7 +87,7 @@ class VisionLanguageModel(nn.Module):
             raise PromptError(f"the prompt has {n_slots} image-token positions but the images "
                               f"give {n_rows} feature rows")
         if n_slots:
-            flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+            flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), flat)
         return embeds
 

@@ -241,11 +241,12 @@ def open_checkpoint(folder_or_files) -> dict[str, tuple[SafetensorsFile, str]]:
 
 
 def load_into(model: torch.nn.Module, sources: dict[str, tuple[SafetensorsFile, str]], dtype: torch.dtype,
-              device: str | torch.device = "cpu", optional: set[str] = frozenset()) -> list[str]:
+              device="cpu", optional: set[str] = frozenset()) -> list[str]:
     """Assign checkpoint tensors to a model built on the meta device. Returns unused names.
 
     Every parameter must be present with its exact shape; `optional` names may be absent (a tied
-    LM head). Float tensors are cast to `dtype`; integer ones keep theirs.
+    LM head). Float tensors are cast to `dtype`; integer ones keep theirs. `device`: a device, or a
+    function of the tensor's name (a model split by --gpu-layers).
     """
     expected = dict(model.state_dict(keep_vars=True))
     # tensors already materialised (layers quantized straight from the checkpoint) need no source
@@ -266,8 +267,9 @@ def load_into(model: torch.nn.Module, sources: dict[str, tuple[SafetensorsFile, 
                                f"but the config implies {list(want)}")
         target = dtype if info.dtype.is_floating_point else None
         t = st.get(stored, target)
-        if torch.device(device).type != "cpu":
-            t = t.to(device)
+        where = device(name) if callable(device) else device
+        if torch.device(where).type != "cpu":
+            t = t.to(where)
         state[name] = t
     model.load_state_dict(state, strict=False, assign=True)
     return unused
