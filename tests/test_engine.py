@@ -89,6 +89,34 @@ def test_prefix_reuse_matches_fresh_computation(vlm):
     assert fresh.token_ids == reused.token_ids
 
 
+@pytest.mark.parametrize("how", ["length", "stop string"])
+def test_a_prompt_extending_the_whole_answer_reuses_only_what_was_computed(vlm, how):
+    """The answer's last token never went through a decode step (generation ended on it): its KV slot
+    is empty, so a next prompt that continues the exact token ids must recompute it (it reused the
+    stale slot once, and answered differently from a fresh computation)."""
+    from foveal.engine.generate import Stats
+    engine, ids = vlm.engine, list(range(10, 30))
+
+    def run(prompt, **options):
+        chunks = list(engine.stream(prompt, [False] * len(prompt), None, [], SamplingOptions.from_kwargs(**options),
+                                    Stats()))
+        return [t for c in chunks for t in c.token_ids], chunks[-1]
+
+    engine.reset()
+    out, last = run(ids, max_tokens=5)
+    if how == "stop string":
+        text = vlm.tokenizer.decode(out)
+        engine.reset()
+        out, last = run(ids, max_tokens=5, stop=[text[-1]])
+        assert last.finish_reason == "stop" and out
+    then = ids + out + [7, 8]
+    reused, last = run(then, max_tokens=6)
+    assert 0 < last.stats.cached_tokens < len(ids) + len(out)
+    engine.reset()
+    fresh, _ = run(then, max_tokens=6)
+    assert reused == fresh
+
+
 def test_two_images_and_image_cache(vlm):
     other = Image.new("RGB", (30, 50), (20, 20, 200))
     r = vlm.generate(ask("Compare.", images=(IMG, other)), max_tokens=4)

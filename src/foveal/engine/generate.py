@@ -160,7 +160,6 @@ class Engine:
                     break
                 out_ids.append(token)
                 pending.append(token)
-                self._cached_keys.append(token)
                 text += decoder.push(token)
                 if opts.stop:
                     cut = _find_stop(text, opts.stop, max(0, sent - hold))
@@ -178,8 +177,8 @@ class Engine:
                 if step == max_new - 1:
                     break
                 pos = torch.tensor([n_prompt + step], device=dev)
-                logits = self.model(self.model.language_model.embed_tokens(
-                    torch.tensor([[token]], device=dev)), pos)[0, -1]
+                logits = self.model.decode(torch.tensor([[token]], device=dev), pos, n_prompt + step + 1)
+                self._cached_keys.append(token)     # only now is its KV in the cache (not so for the last token)
                 token = pick(logits)
             if finish != "stop" or not opts.stop:
                 text += decoder.flush()

@@ -200,14 +200,18 @@ class TextModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                            # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """embeds (B, T, D) at contiguous absolute positions input_pos (T,) -> hidden states (B, T, D).
 
         Without a cache, every row is causal over its own T tokens: right-padded batches need no
-        extra mask, since real tokens never attend to the padding after them."""
+        extra mask, since real tokens never attend to the padding after them. kv_len: a decode step
+        (T == 1) may say how many cache slots it attends to (input_pos + 1), so that nothing reads
+        input_pos back (no device sync; a Python int that torch.compile keeps symbolic)."""
         cos, sin = self.rope(input_pos, embeds.dtype)
         T = embeds.shape[1]
-        if self.layers[0].self_attn.kv_cache is None:
+        if kv_len is not None and T == 1:
+            attn = AttnSpec(None, False, kv_len)
+        elif self.layers[0].self_attn.kv_cache is None:
             attn = AttnSpec(None, T > 1, None)      # training: causal, SDPA's fused path
         else:
             # input_pos is contiguous: the new tokens end at kv_len, and attend to slots before them
