@@ -36,7 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from workloads import WORKLOADS, build, export_gguf, make_image, prompt_ids  # noqa: E402
 
-FOVEAL = [("foveal bf16", "foveal", "bf16"), ("foveal int8", "foveal", "int8"), ("foveal int4", "foveal", "int4")]
+FOVEAL = [("foveal bf16", "foveal", "bf16"), ("foveal bf16 compiled", "foveal", "bf16-compiled"),
+          ("foveal int8", "foveal", "int8"), ("foveal int4", "foveal", "int4")]
+FOVEAL_MODES = ("bf16", "bf16-compiled", "int8", "int4")
 PEERS = {
     "transformers": [("transformers bf16", "transformers", "bf16"), ("transformers fp32", "transformers", "fp32")],
     "llama.cpp": [("llama.cpp F16", "llama.cpp", "f16"), ("llama.cpp Q8_0", "llama.cpp", "q8_0"),
@@ -57,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per engine first (default 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--foveal", default="bf16,int8,int4", help="foveal modes to run (bf16,int8,int4)")
+    p.add_argument("--foveal", default=",".join(FOVEAL_MODES),
+                   help="foveal modes to run (bf16,bf16-compiled,int8,int4; bf16-compiled: --compile, whose "
+                        "compilation the warm-up run absorbs)")
     p.add_argument("--peers", default="transformers,llama.cpp", help="peers to run (transformers,llama.cpp or none)")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the bandwidth probe tensor")
@@ -67,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.decode_tokens < 2:
         p.error("--repeats and --threads must be >= 1, --warmup >= 0, --decode-tokens >= 2")
     modes = [m for m in args.foveal.split(",") if m]
-    if any(m not in ("bf16", "int8", "int4") for m in modes):
-        p.error(f"--foveal {args.foveal!r}: use a comma list of bf16, int8, int4")
+    if any(m not in FOVEAL_MODES for m in modes):
+        p.error(f"--foveal {args.foveal!r}: use a comma list of {', '.join(FOVEAL_MODES)}")
     peers = [] if args.peers in ("", "none") else args.peers.split(",")
     if any(x not in PEERS for x in peers):
         p.error(f"--peers {args.peers!r}: use a comma list of {', '.join(PEERS)} (or none)")

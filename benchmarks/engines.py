@@ -47,7 +47,8 @@ def _sync(device: str) -> None:
 def run_foveal(job: dict) -> dict:
     import foveal
     variant, device = job["variant"], job["device"]
-    vlm = foveal.load(job["folder"], device=device, dtype="bfloat16", quant=None if variant == "bf16" else variant)
+    quant = variant if variant in ("int8", "int4") else None
+    vlm = foveal.load(job["folder"], device=device, dtype="bfloat16", quant=quant, compile=variant == "bf16-compiled")
     vlm.engine.eos_ids = set()                     # always decode the full count
     msgs, n = messages(job["image"]), job["decode_tokens"]
     runs = []

@@ -268,3 +268,54 @@ def test_bf16_vision_rows_padded_to_a_multiple_of_8_give_the_same_features(tmp_p
     err = lambda x: ((x.float() - r).norm() / r.norm()).item()       # noqa: E731
     assert err(padded) <= 1.5 * err(plain) + 1e-3
     assert torch.equal(poisoned, padded)
+
+
+# ---- torch.compile of the decode step ---------------------------------------------------------------
+def test_compiled_decode_gives_the_eager_answers(vlm):
+    """float32: the same greedy tokens and decode logits within 1e-5 of eager; the cache growing to a
+    larger block does not recompile (the step is compiled with dynamic shapes)."""
+    import torch
+    import torch._dynamo
+    compiled = foveal.load(vlm.path, dtype="float32", compile=True)
+    graphs = []
+    for text, n in (("Tell me about it.", 16), ("Describe the colours " * 40, 12)):
+        vlm.engine.reset()
+        assert compiled.generate(ask(text), max_tokens=n).token_ids == vlm.generate(ask(text), max_tokens=n).token_ids
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert compiled.model.language_model.max_cache_len > 256     # the second prompt grew the cache
+    assert compiled.model._compiled_decode is not None
+    assert graphs[1] == graphs[0] >= 1, "the decode step recompiled when the cache grew"
+
+
+def test_compiled_decode_with_int4_weights_stays_within_bf16_rounding(vlm):
+    import torch
+    model = foveal.load(vlm.path, dtype="bfloat16", quant="int4").model
+    lm = model.language_model
+    lm.setup_cache(1, 256, torch.bfloat16)
+    with torch.inference_mode():
+        model(torch.randn(1, 20, lm.cfg.hidden_size, dtype=torch.bfloat16), torch.arange(20))
+        token, pos = torch.tensor([[7]]), torch.tensor([20])
+        eager = model.decode(token, pos, 21).float()
+        model.compile_decode()
+        fused = model.decode(token, pos, 21).float()
+    assert model._compiled_decode is not None
+    assert (eager - fused).abs().max().item() <= 0.03 * eager.abs().max().item()
+
+
+def test_a_failing_compile_falls_back_to_eager_and_keeps_answering(vlm, monkeypatch, caplog):
+    import torch
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = foveal.load(vlm.path, dtype="float32", compile=True)
+    vlm.engine.reset()
+    with caplog.at_level("WARNING"):
+        assert model.generate(ask(), max_tokens=8).token_ids == vlm.generate(ask(), max_tokens=8).token_ids
+    assert model.model._compiled_decode is None
+    assert "no working C++ compiler" in caplog.text and "decoding eagerly" in caplog.text
+    with pytest.raises(foveal.errors.ConfigError, match="compile must be True or False"):
+        foveal.load(vlm.path, compile="yes")

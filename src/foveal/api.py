@@ -321,12 +321,16 @@ def _locate(ref, mmproj, dtype) -> _Checkpoint:
 
 def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=None, mmproj=None,
          context_length: int | None = None, image_limits: ImageLimits | None = None,
-         image_mode: str | None = None, gpu_layers: int | None = None) -> VLM:
+         image_mode: str | None = None, gpu_layers: int | None = None, compile: bool = False) -> VLM:
     """Load a model from a reference: an HF folder (LLaVA, original LLaVA + CLIP tower, text LM),
     a GGUF file (+ mmproj), `hf:ORG/NAME`, `ollama:NAME[:TAG]`, `lmstudio:PUB/REPO`.
     gpu_layers (device="cuda"): only the last N decoder layers (with the vision tower, projector and
-    head) on the GPU, the rest on the CPU, as `foveal plan` suggests for a GPU too small for the model."""
+    head) on the GPU, the rest on the CPU, as `foveal plan` suggests for a GPU too small for the model.
+    compile: decode steps through torch.compile (~10 % faster decode on CPU; the first request waits
+    for the compilation, tens of seconds, cached on disk for later processes)."""
     t0 = time.perf_counter()
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile must be True or False, got {compile!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     ck = _locate(ref, mmproj, dtype)
@@ -359,6 +363,8 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     Q.after_load(model, saved_quant, want_quant)
     model.language_model.init_rope(model.input_device)
     model.eval().requires_grad_(False)
+    if compile:
+        model.compile_decode()
 
     tokenizer = ck.tokenizer
     image_token = tokenizer.config.get("image_token") or IMAGE_PLACEHOLDER

@@ -25,6 +25,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "for a GPU too small for the model (`foveal plan` suggests N; default: all)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: bfloat16 where the "
                                                    "hardware supports it)")
+    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile (~10%% faster "
+                                                          "decode; the first answer waits for the compilation)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--vision-tower", default=None, help="original-LLaVA checkpoints: the CLIP tower folder")
     p.add_argument("--mmproj", default=None, help="GGUF models: the projector (mmproj) file")
@@ -60,7 +62,7 @@ def _load(args, model):
     from .api import load
     return load(model, device=args.device, dtype=args.dtype, context_length=args.ctx,
                 vision_tower=args.vision_tower, image_mode=args.image_mode, mmproj=args.mmproj,
-                quant=getattr(args, "quant", None), gpu_layers=args.gpu_layers)
+                quant=getattr(args, "quant", None), gpu_layers=args.gpu_layers, compile=args.compile)
 
 
 def _print_stats(stats, out=sys.stderr) -> None:
@@ -269,7 +271,8 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO if args.access_log else logging.WARNING, format="%(message)s")
     serve(args.models, config, dict(device=args.device, dtype=args.dtype, context_length=args.ctx,
                                     vision_tower=args.vision_tower, image_mode=args.image_mode,
-                                    mmproj=args.mmproj, quant=args.quant, gpu_layers=args.gpu_layers))
+                                    mmproj=args.mmproj, quant=args.quant, gpu_layers=args.gpu_layers,
+                                    compile=args.compile))
     return 0
 
 
@@ -279,7 +282,7 @@ def cmd_quantize(args) -> int:
     from .quant.check import compare, load_samples
     samples = load_samples(args.check) if args.check else None
     opts = dict(device=args.device, dtype=args.dtype, context_length=args.ctx, vision_tower=args.vision_tower,
-                mmproj=args.mmproj, gpu_layers=args.gpu_layers)
+                mmproj=args.mmproj, gpu_layers=args.gpu_layers, compile=args.compile)
     vlm = load(args.model, **opts)
     plan = quantize_model(vlm.model, args.mode, args.group_size, vision=args.vision, symmetric=args.symmetric)
     out = save_quantized(vlm.model, vlm.config, vlm.path, args.out)
