@@ -66,6 +66,8 @@ def test_a_split_forward_crosses_once_and_the_cpu_layers_are_unchanged(folder, m
         assert torch.equal(out, ref_out), f"CPU layer {i} changed"
     caches = [layer.self_attn.kv_cache for layer in split.model.language_model.layers]
     assert [c.k.device.type for c in caches] == ["cpu"] * (n - 1) + ["meta"]
+    assert 0 < split.weight_bytes("cpu") < whole.weight_bytes("cpu") == whole.weight_bytes()   # what /api/ps and
+    assert whole.weight_bytes("cuda") == 0                                                     # info report
 
 
 def test_quantized_layers_made_on_the_cpu_move_to_the_accelerator(folder, meta_is_a_device):

@@ -130,14 +130,17 @@ class VLM:
             parts[key] += p.numel()
         return parts
 
-    def weight_bytes(self) -> int:
+    def weight_bytes(self, device_type: str | None = None) -> int:
+        """Bytes of weights (no KV cache); with device_type ("cpu", "cuda"), only those held there (a model
+        split by --gpu-layers)."""
         seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(t) not in seen and t.device.type != "meta":
-                seen.add(id(t))
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if id(t) in seen or t.device.type == "meta" or ".kv_cache." in name:
+                continue
+            seen.add(id(t))
+            if device_type is None or t.device.type == device_type:
                 total += t.numel() * t.element_size()
-        kv = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers() if ".kv_cache." in n)
-        return total - kv
+        return total
 
     # ---- requests ----------------------------------------------------------------------
     def _prepare(self, messages, stats: Stats):

@@ -181,6 +181,7 @@ def info_dict(vlm) -> dict:
         "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints] if cfg.anyres else None,
         "context_length": vlm.context_length,
         "weight_bytes": vlm.weight_bytes(),
+        "weight_bytes_by_device": {t: n for t in ("cpu", "cuda") if (n := vlm.weight_bytes(t))},
     }
     return d
 
@@ -206,7 +207,9 @@ def cmd_info(args) -> int:
                                      f"-px tiles at {', '.join(f'{h}x{w}' for h, w in d['image_grid_pinpoints'])})")
                                if d["image_size"] else "0"),
         ("context length", d["context_length"]),
-        ("weight memory", f"{d['weight_bytes'] / 2**20:.1f} MiB"),
+        ("weight memory", f"{d['weight_bytes'] / 2**20:.1f} MiB" + (
+            " (" + ", ".join(f"{t} {n / 2**20:.1f} MiB" for t, n in d["weight_bytes_by_device"].items()) + ")"
+            if len(d["weight_bytes_by_device"]) > 1 else "")),
     ]
     for k, v in lines:
         print(f"{k:<20}{v}")

@@ -285,7 +285,7 @@ async def ps(request: Request):
     for e in st.registry.loaded():
         out.append({"name": e.name, "model": e.name, "size": _size(e), "digest": _digest(e), "details": details(e),
                     "expires_at": _iso(e.expires_at) if e.expires_at is not None else "2318-01-01T00:00:00Z",
-                    "size_vram": _size(e) if e.vlm.device.startswith("cuda") else 0,
+                    "size_vram": e.vlm.weight_bytes("cuda"),      # all, none, or the --gpu-layers share
                     "context_length": e.vlm.context_length})
     return {"models": out}
 
