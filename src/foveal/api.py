@@ -329,8 +329,8 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     a GGUF file (+ mmproj), `hf:ORG/NAME`, `ollama:NAME[:TAG]`, `lmstudio:PUB/REPO`.
     gpu_layers (device="cuda"): only the last N decoder layers (with the vision tower, projector and
     head) on the GPU, the rest on the CPU, as `foveal plan` suggests for a GPU too small for the model.
-    compile: decode steps through torch.compile (~10 % faster decode on CPU; the first request waits
-    for the compilation, tens of seconds, cached on disk for later processes)."""
+    compile: decode steps through torch.compile (~10 % faster decode on CPU; loading waits for the
+    compilation, tens of seconds, cached on disk for later processes)."""
     t0 = time.perf_counter()
     if not isinstance(compile, bool):
         raise ConfigError(f"compile must be True or False, got {compile!r}")
@@ -366,8 +366,6 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     Q.after_load(model, saved_quant, want_quant)
     model.language_model.init_rope(model.input_device)
     model.eval().requires_grad_(False)
-    if compile:
-        model.compile_decode()
 
     tokenizer = ck.tokenizer
     image_token = tokenizer.config.get("image_token") or IMAGE_PLACEHOLDER
@@ -392,6 +390,9 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     gen_eos = ck.generation_config.get("eos_token_id")
     eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
     engine = Engine(model, tokenizer, eos, ctx, device, dtype)
+    if compile:
+        model.compile_decode()
+        engine.warm_up()        # compile now, not in the first request (a server's client would time out)
     vlm = VLM(model, cfg, tokenizer, prompt, image_config, engine, ck.path, dtype, device,
               image_limits or ImageLimits(), time.perf_counter() - t0)
     vlm.unused_tensors = unused

@@ -26,7 +26,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: bfloat16 where the "
                                                    "hardware supports it)")
     p.add_argument("--compile", action="store_true", help="decode steps through torch.compile (~10%% faster "
-                                                          "decode; the first answer waits for the compilation)")
+                                                          "decode; loading waits for the compilation)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--vision-tower", default=None, help="original-LLaVA checkpoints: the CLIP tower folder")
     p.add_argument("--mmproj", default=None, help="GGUF models: the projector (mmproj) file")

@@ -95,6 +95,16 @@ class Engine:
         lm.setup_cache(1, size, self.dtype)
         self._cached_keys = []
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One decode step on a scratch cache, then drop it: a compiled decode step compiles here. Position
+        2, not 0 or 1: torch.compile specialises on those values and would compile again."""
+        with self.lock:
+            self._ensure_cache(3)
+            dev = self.model.input_device
+            self.model.decode(torch.zeros((1, 1), dtype=torch.long, device=dev), torch.tensor([2], device=dev), 3)
+            self.reset()
+
     def reset(self) -> None:
         self.model.language_model.drop_cache()
         self._cached_keys = []

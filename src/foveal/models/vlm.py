@@ -118,7 +118,8 @@ class VisionLanguageModel(nn.Module):
     def compile_decode(self) -> None:
         """Run decode steps through torch.compile (Inductor): the ~1,800 small eager ops of a step
         (norms, RoPE, residuals, attention over the cache) fuse into a few kernels; the matmuls stay
-        PyTorch's own. The first step compiles (tens of seconds on 2 cores, cached on disk after).
+        PyTorch's own. The first step compiles (tens of seconds on 2 cores, cached on disk after;
+        `load(compile=True)` runs one at load, `Engine.warm_up`).
         dynamic=True: the cache length a step attends to changes every step without recompiling."""
         # Module parameters and buffers are traced with static shapes by default: the KV cache, which
         # the engine reallocates larger when a request needs it, would recompile the step each time.
