@@ -36,9 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from workloads import WORKLOADS, build, export_gguf, make_image, prompt_ids  # noqa: E402
 
-FOVEAL = [("foveal bf16", "foveal", "bf16"), ("foveal bf16 compiled", "foveal", "bf16-compiled"),
-          ("foveal int8", "foveal", "int8"), ("foveal int4", "foveal", "int4")]
-FOVEAL_MODES = ("bf16", "bf16-compiled", "int8", "int4")
+FOVEAL_MODES = ("bf16", "bf16-compiled", "int8", "int8-compiled", "int4", "int4-compiled")
+FOVEAL = [(f"foveal {m.replace('-', ' ')}", "foveal", m) for m in FOVEAL_MODES]
 PEERS = {
     "transformers": [("transformers bf16", "transformers", "bf16"), ("transformers fp32", "transformers", "fp32")],
     "llama.cpp": [("llama.cpp F16", "llama.cpp", "f16"), ("llama.cpp Q8_0", "llama.cpp", "q8_0"),
@@ -60,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--foveal", default=",".join(FOVEAL_MODES),
-                   help="foveal modes to run (bf16,bf16-compiled,int8,int4; bf16-compiled: --compile, whose "
-                        "compilation the warm-up run absorbs)")
+                   help="foveal modes to run (bf16,int8,int4, each also as MODE-compiled: load(compile=True), "
+                        "which compiles while loading)")
     p.add_argument("--peers", default="transformers,llama.cpp", help="peers to run (transformers,llama.cpp or none)")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the bandwidth probe tensor")
@@ -129,7 +128,8 @@ def decode_bytes(folder: Path, engine: str, variant: str, gguf: Path | None = No
         head = tensors.get("output.weight", tensors.get("token_embd.weight", 0))
         return sum(v for k, v in tensors.items() if k not in ("token_embd.weight", "output.weight")) + head
     from foveal.plan import plan
-    quant = variant if variant in ("int8", "int4") else None
+    mode = variant.removesuffix("-compiled")
+    quant = mode if mode in ("int8", "int4") else None
     p = plan(folder, ctx=1024, images=1, quant=quant, dtype="float32" if variant == "fp32" else "bfloat16",
              memory="1TiB")
     return p.layers + (p.head or p.embedding)

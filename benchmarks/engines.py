@@ -47,8 +47,9 @@ def _sync(device: str) -> None:
 def run_foveal(job: dict) -> dict:
     import foveal
     variant, device = job["variant"], job["device"]
-    quant = variant if variant in ("int8", "int4") else None
-    vlm = foveal.load(job["folder"], device=device, dtype="bfloat16", quant=quant, compile=variant == "bf16-compiled")
+    mode, _, compiled = variant.partition("-")
+    vlm = foveal.load(job["folder"], device=device, dtype="bfloat16", quant=None if mode == "bf16" else mode,
+                      compile=compiled == "compiled")
     vlm.engine.eos_ids = set()                     # always decode the full count
     msgs, n = messages(job["image"]), job["decode_tokens"]
     runs = []

@@ -15,7 +15,8 @@ pytest.importorskip("transformers")
 
 COLUMNS = ["engine", "preprocess ms", "encode ms/image", "prefill tok/s", "TTFT ms", "decode tok/s", "peak RSS MiB",
            "decode GB/s", "% of bandwidth"]
-ROWS = ["foveal bf16", "foveal bf16 compiled", "foveal int8", "foveal int4", "transformers bf16", "transformers fp32"]
+ROWS = ["foveal bf16", "foveal bf16 compiled", "foveal int8", "foveal int8 compiled", "foveal int4",
+        "foveal int4 compiled", "transformers bf16", "transformers fp32"]
 
 
 def _table(text: str, first_cell: str) -> dict[str, list[str]]:
