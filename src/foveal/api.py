@@ -389,7 +389,7 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     eos = set(cfg.text.eos_token_id) | tokenizer.eos_ids()
     gen_eos = ck.generation_config.get("eos_token_id")
     eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-    engine = Engine(model, tokenizer, eos, ctx, device, dtype)
+    engine = Engine(model, tokenizer, eos, ctx, dtype)
     if compile:
         model.compile_decode()
         engine.warm_up()        # compile now, not in the first request (a server's client would time out)

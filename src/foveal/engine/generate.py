@@ -77,13 +77,13 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, tokenizer: Tokenizer, eos_ids: set[int], context_length: int,
-                 device, dtype):
+    def __init__(self, model, tokenizer: Tokenizer, eos_ids: set[int], context_length: int, dtype):
+        """Token ids and positions go in on the embedding's device (model.input_device: the CPU when
+        split by --gpu-layers); the KV cache of each layer is on that layer's device."""
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = set(eos_ids)
         self.context_length = context_length
-        self.device, self.dtype = torch.device(device), dtype    # the model's main device; ids and positions
-        # go in on the embedding's (model.input_device: the CPU when split by --gpu-layers)
+        self.dtype = dtype
         self.lock = threading.RLock()
         self._cached_keys: list = []
 
