@@ -94,7 +94,8 @@ def load_image(source, limits: ImageLimits | None = None) -> LoadedImage:
 
 def image_size(path: Path, limits: ImageLimits | None = None) -> tuple[int, int]:
     """(height, width) of an image file as `load_image` would return it (EXIF orientation applied),
-    from its header: nothing is decoded. Training reads it to count an anyres image's tokens."""
+    from its header (a PNG is decoded when its EXIF block may follow the pixels, as Pillow's getexif
+    does). Training reads it to count an anyres image's tokens."""
     limits = limits or ImageLimits()
     origin = f"file {str(path)!r}"
     image = _open_header(_read_file(Path(path), limits), _ALLOWED_FORMATS, origin)
