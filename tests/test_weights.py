@@ -443,21 +443,23 @@ def test_original_layout_needs_its_tower(original, tmp_path):
 
 # ---- memory while loading ---------------------------------------------------------------
 RSS_PROBE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import os, torch, foveal
     if os.environ.get("FOVEAL_TEST_WARM_META"):      # diagnosis only: pay torch's one-time meta-init imports first
         torch.empty(1, device="meta").normal_()
-    def rss():
+    def status(key):
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    baseline = rss()
+    # peaks from VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec, so a probe started
+    # from a large pytest process (the whole slow suite) reported the parent's peak (1.2 GiB) as its own
+    baseline = status("VmRSS")
     vlm = foveal.load(sys.argv[1], dtype=sys.argv[2])
-    loaded_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded_peak = status("VmHWM")
     with torch.no_grad():           # touch every weight: a lazily mapped model must not cost twice either
         for p in vlm.model.parameters():
             p.sum()
-    touched_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    touched_peak = status("VmHWM")
     print(json.dumps(dict(baseline=baseline, loaded_peak=loaded_peak, touched_peak=touched_peak,
                           weights=vlm.weight_bytes())))
 """)
