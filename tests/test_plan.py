@@ -242,3 +242,13 @@ def test_plan_matches_peak_rss_when_quantizing_at_load(tmp_path, quant):
     print(f"400MB {quant}: weights {run['weights'] / MiB:.0f} MiB, planned peak {p.peak / MiB:.0f} MiB, "
           f"measured peak RSS {run['rss'] / MiB:.0f} MiB ({error:+.1%})")
     assert abs(error) <= 0.15
+
+
+@pytest.mark.slow
+def test_measured_overhead_is_the_probe_process_own_peak():
+    """measure_overhead() runs a fresh process; its figure must not include this (caller) process's
+    peak, which Linux carries over exec in ru_maxrss."""
+    from foveal.plan import CPU_OVERHEAD_BYTES, measure_overhead
+    ballast = bytearray(600 * 2**20)        # the caller holds 600 MiB more than the probe ever needs
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    assert measure_overhead("bfloat16") < CPU_OVERHEAD_BYTES * 1.3

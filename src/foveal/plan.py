@@ -480,6 +480,8 @@ def measure_overhead(dtype: str = "bfloat16") -> int:
                 f"vlm = foveal.load({str(folder)!r}, dtype={dtype!r})\n"
                 "vlm.generate([{'role': 'user', 'content': [{'type': 'image', 'image': Image.new('RGB', (64, 64))},"
                 " {'type': 'text', 'text': 'hi'}]}], max_tokens=8)\n"
-                "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
+                # VmHWM, this process's own peak: ru_maxrss keeps the (maybe large) caller's across exec
+                "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+                "print(json.dumps(hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         return int(json.loads(out.stdout.strip().splitlines()[-1])) * 1024
