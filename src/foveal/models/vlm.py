@@ -78,7 +78,12 @@ class VisionLanguageModel(nn.Module):
     def encode_anyres(self, views: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """An anyres model: one image's views (1 + tiles, 3, S, S) and its (height, width) -> its image
         embeddings (T, D_text), T = cfg.image_tokens(size)."""
-        return anyres.pack(self.encode_images(views), self.cfg.image_layout(size), self.image_newline)
+        return self.pack_anyres(self.encode_images(views), size)
+
+    def pack_anyres(self, embeds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """One image's projected view features (1 + tiles, P, D_text) -> its token rows (T, D_text): tiles
+        stitched and unpadded, image_newline after each row (training packs a batch's images with it)."""
+        return anyres.pack(embeds, self.cfg.image_layout(size), self.image_newline)
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -39,7 +39,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, FovealError
-from ..processing import anyres
 from .datasets import IGNORE_INDEX, ConversationDataset
 from .lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
 from .state import list_checkpoints, load_state, optimizer_from_files, restore_rng, save_state
@@ -244,8 +243,7 @@ class CausalLMLoss(nn.Module):
                 features = m.image_features(pixels)                     # (N, P, D_vision)
             image_embeds = m.project(features)                          # (N, P, D)
             if views is not None:       # each image's views -> its rows (T_i, D), as encode_anyres packs them
-                rows = [anyres.pack(f, m.cfg.image_layout(size), m.image_newline)
-                        for f, size in zip(image_embeds.split(views), sizes)]
+                rows = [m.pack_anyres(f, size) for f, size in zip(image_embeds.split(views), sizes)]
                 image_embeds = torch.cat(rows)[None]                    # (1, sum T_i, D)
         embeds = m.embed(input_ids, image_mask if pixels is not None else None, image_embeds)  # (B, T, D)
         T = embeds.shape[1]
