@@ -22,20 +22,10 @@ from pathlib import Path
 
 import torch
 
+from foveal.plan import peak_rss   # this process's own peak (VmHWM)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import QUESTION, messages, prompt_ids  # noqa: E402
-
-
-def peak_rss() -> int:
-    """This process's own peak RSS (VmHWM; ru_maxrss would also carry the parent's at the fork)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sync(device: str) -> None:

@@ -173,19 +173,16 @@ def test_check_fits(tiny_vlm):
 
 # ---- the plan against measured peak RSS -------------------------------------------------------------
 RUN = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from PIL import Image
     import foveal
+    from foveal.plan import peak_rss
     vlm = foveal.load(sys.argv[1], dtype=sys.argv[2], quant=sys.argv[4] if len(sys.argv) > 4 else None)
     image = Image.new("RGB", (300, 240), (200, 30, 30))
     r = vlm.generate([{"role": "user", "content": [{"type": "image", "image": image},
                       {"type": "text", "text": "What is in this picture? Answer in detail."}]}],
                      max_tokens=int(sys.argv[3]))
-    # VmHWM is this process's own peak; ru_maxrss also keeps the parent's peak at the fork (Linux
-    # carries the old address space's high-water mark across exec), which is pytest's, not ours.
-    hwm = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")]
-    rss = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"rss": rss,
+    print(json.dumps({"rss": peak_rss(),      # this process's own peak (not pytest's, see peak_rss)
                       "cache_len": vlm.model.language_model.max_cache_len,
                       "weights": vlm.weight_bytes(), "prompt": r.stats.prompt_tokens}))
 """)

@@ -447,19 +447,18 @@ RSS_PROBE = textwrap.dedent("""
     import os, torch, foveal
     if os.environ.get("FOVEAL_TEST_WARM_META"):      # diagnosis only: pay torch's one-time meta-init imports first
         torch.empty(1, device="meta").normal_()
-    def status(key):
+    from foveal.plan import peak_rss      # VmHWM: ru_maxrss would report the pytest parent's peak (1.2 GiB)
+    def rss():
         for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    # peaks from VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec, so a probe started
-    # from a large pytest process (the whole slow suite) reported the parent's peak (1.2 GiB) as its own
-    baseline = status("VmRSS")
+    baseline = rss()
     vlm = foveal.load(sys.argv[1], dtype=sys.argv[2])
-    loaded_peak = status("VmHWM")
+    loaded_peak = peak_rss()
     with torch.no_grad():           # touch every weight: a lazily mapped model must not cost twice either
         for p in vlm.model.parameters():
             p.sum()
-    touched_peak = status("VmHWM")
+    touched_peak = peak_rss()
     print(json.dumps(dict(baseline=baseline, loaded_peak=loaded_peak, touched_peak=touched_peak,
                           weights=vlm.weight_bytes())))
 """)

@@ -468,6 +468,20 @@ def torch_device_type(device) -> str:
 
 
 # ---- measuring the overhead ---------------------------------------------------------------------
+def peak_rss() -> int:
+    """This process's own peak RSS in bytes: VmHWM. getrusage's ru_maxrss is not that on Linux: it is
+    carried over exec, so a process started from a large one reports the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure_overhead(dtype: str = "bfloat16") -> int:
     """Peak RSS (bytes) of a fresh process that loads the tiny random model and answers one image."""
     import subprocess
@@ -476,12 +490,10 @@ def measure_overhead(dtype: str = "bfloat16") -> int:
     from .bundled import build_random_model
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_random_model(Path(tmp) / "tiny")
-        code = ("import resource, sys, json\nfrom PIL import Image\nimport foveal\n"
+        code = ("import json\nfrom PIL import Image\nimport foveal\nfrom foveal.plan import peak_rss\n"
                 f"vlm = foveal.load({str(folder)!r}, dtype={dtype!r})\n"
                 "vlm.generate([{'role': 'user', 'content': [{'type': 'image', 'image': Image.new('RGB', (64, 64))},"
                 " {'type': 'text', 'text': 'hi'}]}], max_tokens=8)\n"
-                # VmHWM, this process's own peak: ru_maxrss keeps the (maybe large) caller's across exec
-                "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
-                "print(json.dumps(hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
+                "print(json.dumps(peak_rss()))\n")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        return int(json.loads(out.stdout.strip().splitlines()[-1])) * 1024
+        return int(json.loads(out.stdout.strip().splitlines()[-1]))
