@@ -127,6 +127,67 @@ def test_clip_with_region_phrases_trains(tmp_path):
     assert report["steps"] == 3 and json.loads((tmp_path / "train_config.json").read_text())["region_weight"] == 0.5
 
 
+def test_attribute_and_glyph_regions_name_each_objects_words_and_each_characters_letter():
+    from tokenizers import Tokenizer
+
+    from foveal.data import generate
+    from foveal.data.render import text_boxes
+    from foveal.data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
+    from foveal.train.clip import CaptionBatcher
+    cfg = ClipConfig(output_dir="unused", attribute_weight=3.0, glyph_weight=0.5, **TINY_CLIP)
+    tok = Tokenizer.from_str(world_tokenizer())
+    batcher = CaptionBatcher(cfg, tok, 4)
+    scenes = [e.scene for e in generate(12, seed=4, config=batcher.world)]
+    assert any(s.text for s in scenes)
+    pool, _, _, _, *attributes = batcher.regions(scenes)
+    assert len(attributes) == 4                                         # shape, colour, size, then the letters
+    objects = [o for s in scenes for o in s.objects]
+
+    def words(ids, mask):
+        return [tok.decode([i for i, m in zip(row, keep) if m]) for row, keep in zip(ids.tolist(), mask.tolist())]
+    for (attr_pool, ids, mask, target, weight), (attr, values) in zip(
+            attributes, (("shape", SHAPES), ("color", list(COLORS)), ("size", list(SIZES)))):
+        assert attr_pool is pool and weight == 1.0                          # 3.0 shared by three attributes
+        names = words(ids, mask)
+        assert len(names) == len(values) and all(v in n for v, n in zip(values, names))   # every word, not the batch's
+        assert [values[t] for t in target.tolist()] == [getattr(o, attr) for o in objects]
+    char_pool, ids, mask, target, weight = attributes[3]
+    assert weight == 0.5 and words(ids, mask) == list(TEXT_ALPHABET)
+    chars = [(b, box, ch) for b, s in enumerate(scenes) for box, ch in zip(text_boxes(s), s.text or "")]
+    assert [TEXT_ALPHABET[t] for t in target.tolist()] == [ch for _, _, ch in chars]
+    for row, (b, (x0, y0, x1, y1), _) in zip(char_pool, chars):
+        touched = row.nonzero().flatten().tolist()
+        assert abs(row.sum().item() - 1.0) < 1e-6 and all(b * 36 <= i < (b + 1) * 36 for i in touched)
+        cx, cy = (x0 + x1 - 1) // 2 // 8, (y0 + y1 - 1) // 2 // 8          # the patch under the glyph's centre
+        assert b * 36 + cy * 6 + cx in touched
+
+
+def test_attribute_loss_is_cross_entropy_over_each_attributes_words_and_weights_add_up():
+    import torch.nn.functional as F
+    from tokenizers import Tokenizer
+
+    from foveal.train.clip import CaptionBatcher, ClipModel, init_weights
+    tok = Tokenizer.from_str(world_tokenizer())
+    cfg = ClipConfig(output_dir="unused", attribute_weight=3.0, caption_weight=0.0, **TINY_CLIP)
+    pixels, ids, mask, _, regions = CaptionBatcher(cfg, tok, 0).batch(0, 6, regions=True)
+    model = ClipModel(cfg, tok.get_vocab_size())
+    init_weights(model)
+    model.region_weight = 0.0
+    with torch.no_grad():
+        loss, _ = model(pixels, ids, mask, regions)
+        pool, attributes = regions[0], regions[4:]
+        states = model.vision_model(pixels)[0][:, 1:]
+        region = model._embed(pool @ states.reshape(-1, states.shape[-1]))
+        scale = model.logit_scale.exp()
+        expected = sum(F.cross_entropy(scale * region @ model.encode_text(i, m).t(), t) for _, i, m, t, _ in attributes)
+        assert torch.allclose(loss, expected, rtol=1e-5)                 # 3.0 / 3 per attribute, nothing else
+        model.caption_weight = 1.0
+        with_captions, logits = model(pixels, ids, mask, regions)
+        target = torch.arange(6)
+        caption = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        assert torch.allclose(with_captions, loss + caption, rtol=1e-5)
+
+
 def test_assemble_builds_a_llava_that_transformers_answers_the_same(clip_dir, lm_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
@@ -215,3 +276,25 @@ def test_assemble_calibrates_the_projector_on_images(clip_dir, lm_dir, tmp_path)
     with pytest.raises(ConfigError, match="no .png"):
         cmd_assemble(Namespace(vision=str(clip_dir[0]), lm=str(lm_dir), output=str(tmp_path / "o"),
                                vision_feature_layer=-1, seed=0, calibrate=str(empty)))
+
+
+def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refused_by_name(tmp_path):
+    from foveal.train.cli import stage_options
+    assert stage_options(["clip.attribute_weight=3", "clip.lr=3e-3", "instruct.batch_size=16", "lm.precision=fp32"]) == {
+        "clip": {"attribute_weight": 3, "lr": 0.003}, "instruct": {"batch_size": 16}, "lm": {"precision": "fp32"}}
+    for bad, words in (("clip.lr", "STAGE.KEY=VALUE"), ("lr=3", "STAGE.KEY=VALUE"),
+                       ("eval.lr=1", "unknown stage 'eval'"), ("clip.atribute_weight=3", "no setting 'atribute_weight'"),
+                       ("align.output_dir=/x", "no setting 'output_dir'")):
+        with pytest.raises(ConfigError, match=words):
+            stage_options([bad])
+    # the recipe hands them to the stage over its own settings (here the data and CLIP stages alone)
+    from foveal.train.recipe import RecipeConfig, run_recipe
+    out = tmp_path / "recipe"
+    run_recipe(RecipeConfig(output_dir=str(out), minutes=0.2, train_scenes=16, eval_scenes=1, progress=False,
+                            stages=("data", "clip"), extra=stage_options(
+                                ["clip.batch_size=8", "clip.attribute_weight=2.5", "clip.max_steps=2"])))
+    written = json.loads((out / "clip" / "train_config.json").read_text())
+    assert (written["batch_size"], written["attribute_weight"], written["max_steps"]) == (8, 2.5, 2)
+    assert written["region_weight"] == 1.0                       # the recipe's own value where none is given
+    assert cli_main(["train", "recipe", "shapes", "-o", str(tmp_path / "x"), "--stage-option", "clip.nope=1"]) != 0
+    assert not (tmp_path / "x").exists()                         # refused before anything ran

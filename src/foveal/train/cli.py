@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import FovealError
+from ..errors import ConfigError, FovealError
 
 
 def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
@@ -120,6 +120,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="world seed of the training pairs")
     p.add_argument("--region-weight", type=float, default=0.0,
                    help="also contrast each object's patches with the batch's object phrases, with this weight")
+    p.add_argument("--attribute-weight", type=float, default=0.0,
+                   help="also contrast each object's patches with every word of each attribute (its shape among "
+                        "the shapes, its colour among the colours, its size among the sizes), with this weight")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_clip)
 
@@ -148,6 +151,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the recipe's)")
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels (default: the recipe's)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one setting of one stage (clip, lm, align, instruct), as that stage's own "
+                        "command names it, e.g. clip.attribute_weight=3; repeatable")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_recipe)
 
@@ -222,6 +228,7 @@ def cmd_clip(args) -> int:
                                    embed_dim=args.embed_dim, batch_size=args.batch_size, max_steps=args.max_steps,
                                    minutes=args.minutes, lr=args.lr, eval_size=args.eval_size,
                                    precision=args.precision, seed=args.seed, region_weight=args.region_weight,
+                                   attribute_weight=args.attribute_weight,
                                    progress=not args.no_progress))
     print(json.dumps(report["retrieval"]))
     return 0
@@ -236,11 +243,41 @@ def cmd_assemble(args) -> int:
     return 0
 
 
+def stage_options(options: list[str]) -> dict[str, dict]:
+    """["clip.lr=3e-3", ...] -> {"clip": {"lr": 0.003}}; values are JSON where they parse, else strings.
+    A stage or a setting the stage does not have is refused by name."""
+    from dataclasses import fields
+
+    from .clip import ClipConfig
+    from .lm import LMConfig
+    from .trainer import TrainConfig
+    known = {"clip": ClipConfig, "lm": LMConfig, "align": TrainConfig, "instruct": TrainConfig}
+    out: dict[str, dict] = {}
+    for option in options:
+        name, eq, raw = option.partition("=")
+        stage, dot, key = name.partition(".")
+        if not (eq and dot and key):
+            raise ConfigError(f"--stage-option {option!r}: expected STAGE.KEY=VALUE, e.g. clip.lr=3e-3")
+        if stage not in known:
+            raise ConfigError(f"--stage-option {option!r}: unknown stage {stage!r}; choose from {', '.join(known)}")
+        names = {f.name for f in fields(known[stage])} - {"output_dir", "model", "data", "stage", "corpus"}
+        if key not in names:
+            raise ConfigError(f"--stage-option {option!r}: the {stage} stage has no setting {key!r}; "
+                              f"it has {', '.join(sorted(names))}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(stage, {})[key] = value
+    return out
+
+
 def cmd_recipe(args) -> int:
     from .recipe import RecipeConfig, run_recipe
     sizes = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v is not None}
     summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
-                                      save_dtype=args.save_dtype, progress=not args.no_progress, **sizes))
+                                      save_dtype=args.save_dtype, progress=not args.no_progress,
+                                      extra=stage_options(args.stage_option), **sizes))
     print(json.dumps({k: summary[k] for k in ("total_minutes", "model_bytes", "targets_met") if k in summary}))
     return 0

@@ -85,6 +85,11 @@ class RecipeConfig:
             raise ConfigError(f"--patch-size {self.patch_size} must divide --image-size {self.image_size}")
 
 
+def _options(cfg: RecipeConfig, stage: str, **settings) -> dict:
+    """The recipe's settings for a stage, overridden by the user's (`--stage-option STAGE.KEY=VALUE`)."""
+    return {**settings, **cfg.extra.get(stage, {})}
+
+
 def _say(text: str) -> None:
     print(f"[recipe {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -144,25 +149,25 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     if "clip" in cfg.stages:
         from .clip import ClipConfig, train_clip
         t0 = time.perf_counter()
-        report = train_clip(ClipConfig(output_dir=str(out / "clip"), image_size=cfg.image_size,
+        report = train_clip(ClipConfig(**_options(cfg, "clip", output_dir=str(out / "clip"),
+                                       image_size=cfg.image_size,
                                        patch_size=cfg.patch_size, vision_width=cfg.vision_width,
                                        vision_layers=cfg.vision_layers, vision_heads=max(1, cfg.vision_width // 32),
                                        max_steps=100_000, minutes=cfg.minutes * cfg.clip_share, seed=cfg.seed,
-                                       progress=cfg.progress,
-                                       **{"region_weight": cfg.clip_region_weight, **cfg.extra.get("clip", {})}))
+                                       progress=cfg.progress, region_weight=cfg.clip_region_weight)))
         stage_done("clip", t0, steps=report["steps"], final_loss=report["final_loss"],
                    retrieval=report["retrieval"])
 
     if "lm" in cfg.stages:
         from .lm import LMConfig, train_lm
         t0 = time.perf_counter()
-        result = train_lm(LMConfig(corpus=str(data_dir / "corpus.txt"), output_dir=str(out / "lm"),
+        result = train_lm(LMConfig(**_options(cfg, "lm", corpus=str(data_dir / "corpus.txt"),
+                                   output_dir=str(out / "lm"),
                                    vocab_size=cfg.vocab_size, hidden_size=cfg.lm_hidden,
                                    intermediate_size=cfg.lm_intermediate, num_layers=cfg.lm_layers,
                                    num_heads=max(1, cfg.lm_hidden // 64), num_kv_heads=max(1, cfg.lm_hidden // 128),
                                    seq_len=256, batch_size=16, max_steps=100_000, lr=1e-3, seed=cfg.seed,
-                                   minutes=cfg.minutes * cfg.lm_share, progress=cfg.progress,
-                                   **cfg.extra.get("lm", {})))
+                                   minutes=cfg.minutes * cfg.lm_share, progress=cfg.progress)))
         stage_done("lm", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4))
 
     if "assemble" in cfg.stages:
@@ -176,11 +181,11 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     from .trainer import TrainConfig, train
     if "align" in cfg.stages:
         t0 = time.perf_counter()
-        result = train(TrainConfig(stage="align", model=str(out / "assembled"), data=str(data_dir / "llava_captions.json"),
+        result = train(TrainConfig(**_options(cfg, "align", stage="align", model=str(out / "assembled"),
+                                   data=str(data_dir / "llava_captions.json"),
                                    output_dir=str(out / "align"), batch_size=32, epochs=100.0, lr_projector=1e-3,
                                    group_by_length=True,
-                                   max_minutes=cfg.minutes * cfg.align_share, seed=cfg.seed, progress=cfg.progress,
-                                   **cfg.extra.get("align", {})))
+                                   max_minutes=cfg.minutes * cfg.align_share, seed=cfg.seed, progress=cfg.progress)))
         stage_done("align", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4))
 
     if "instruct" in cfg.stages:
@@ -189,14 +194,14 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         left = budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_share * budget_s - 0.008 * n_train
         minutes = max(0.5, left / 60)
         _say(f"instruct: {minutes:.1f} minutes")
-        result = train(TrainConfig(stage="instruct", model=str(out / "align"), data=str(data_dir / "llava_instruct.json"),
+        result = train(TrainConfig(**_options(cfg, "instruct", stage="instruct", model=str(out / "align"),
+                                   data=str(data_dir / "llava_instruct.json"),
                                    output_dir=str(out / "instruct"), batch_size=cfg.instruct_batch, epochs=100.0,
                                    lr_projector=cfg.lr_projector, lr_lm=cfg.lr_lm, train_vision=True,
                                    lr_vision=cfg.lr_vision, warmup_ratio=0.02, max_minutes=minutes, group_by_length=True,
-                                   weight_decay=0.0, seed=cfg.seed, save_dtype=cfg.save_dtype, progress=cfg.progress,
-                                   **cfg.extra.get("instruct", {})))
+                                   weight_decay=0.0, seed=cfg.seed, save_dtype=cfg.save_dtype, progress=cfg.progress)))
         stage_done("instruct", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4),
-                   examples=len(result.steps) * cfg.instruct_batch)
+                   examples=len(result.steps) * cfg.extra.get("instruct", {}).get("batch_size", cfg.instruct_batch))
         _publish(out / "instruct", out / "model")
 
     if "eval" in cfg.stages:
