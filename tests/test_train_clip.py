@@ -278,6 +278,12 @@ def test_assemble_calibrates_the_projector_on_images(clip_dir, lm_dir, tmp_path)
                                vision_feature_layer=-1, seed=0, calibrate=str(empty)))
 
 
+def test_negative_nan_or_all_zero_loss_weights_are_refused():
+    for weights in ({"caption_weight": -1.0}, {"caption_weight": 0.0}, {"attribute_weight": float("nan")}):
+        with pytest.raises(ConfigError, match="loss weights"):
+            ClipConfig(output_dir="unused", **weights)
+
+
 def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refused_by_name(tmp_path):
     from foveal.train.cli import stage_options
     assert stage_options(["clip.attribute_weight=3", "clip.lr=3e-3", "instruct.batch_size=16", "lm.precision=fp32"]) == {

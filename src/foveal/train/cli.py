@@ -123,6 +123,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--attribute-weight", type=float, default=0.0,
                    help="also contrast each object's patches with every word of each attribute (its shape among "
                         "the shapes, its colour among the colours, its size among the sizes), with this weight")
+    p.add_argument("--glyph-weight", type=float, default=0.0,
+                   help="also contrast each rendered character's patches with the text alphabet, with this weight")
+    p.add_argument("--caption-weight", type=float, default=1.0,
+                   help="weight of the whole-image caption contrast (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_clip)
 
@@ -228,7 +232,8 @@ def cmd_clip(args) -> int:
                                    embed_dim=args.embed_dim, batch_size=args.batch_size, max_steps=args.max_steps,
                                    minutes=args.minutes, lr=args.lr, eval_size=args.eval_size,
                                    precision=args.precision, seed=args.seed, region_weight=args.region_weight,
-                                   attribute_weight=args.attribute_weight,
+                                   attribute_weight=args.attribute_weight, glyph_weight=args.glyph_weight,
+                                   caption_weight=args.caption_weight,
                                    progress=not args.no_progress))
     print(json.dumps(report["retrieval"]))
     return 0

@@ -109,6 +109,10 @@ class ClipConfig:
             raise ConfigError(f"image-size {self.image_size} must be a multiple of patch-size {self.patch_size}")
         if self.vision_width % self.vision_heads or self.text_width % self.text_heads:
             raise ConfigError("widths must divide by their head counts")
+        weights = {"region": self.region_weight, "attribute": self.attribute_weight,
+                   "caption": self.caption_weight, "glyph": self.glyph_weight}
+        if any(not w >= 0 for w in weights.values()) or not any(weights.values()):
+            raise ConfigError(f"loss weights must be >= 0 and not all 0; got {weights}")
         if self.batch_size < 2:
             raise ConfigError("contrastive training needs batch-size >= 2")
         if self.max_steps < 1:
@@ -161,7 +165,6 @@ class ClipModel(nn.Module):
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.region_weight = cfg.region_weight
-        self.attribute_weight = cfg.attribute_weight
         self.caption_weight = cfg.caption_weight
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -182,10 +185,10 @@ class ClipModel(nn.Module):
         loss = self.caption_weight * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
         if regions is not None:
             pool, phrase_ids, phrase_mask, region_target, *attributes = regions
-            region = self._embed(pool @ states.reshape(-1, states.shape[-1]))    # (R, E)
+            flat = states.reshape(-1, states.shape[-1])                          # (B*P, D)
+            region = self._embed(pool @ flat)                                    # (R, E)
             phrase = self.encode_text(phrase_ids, phrase_mask)                   # (U, E) distinct phrases
             loss = loss + self.region_weight * F.cross_entropy(scale * region @ phrase.t(), region_target)
-            flat = states.reshape(-1, states.shape[-1])
             for attr_pool, word_ids, word_mask, word_target, weight in attributes:   # one attribute's words each
                 where = region if attr_pool is pool else self._embed(attr_pool @ flat)
                 word = self.encode_text(word_ids, word_mask)
