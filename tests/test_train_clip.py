@@ -294,7 +294,11 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
         with pytest.raises(ConfigError, match=words):
             stage_options([bad])
     # the recipe hands them to the stage over its own settings (here the data and CLIP stages alone)
-    from foveal.train.recipe import RecipeConfig, run_recipe
+    from foveal.train.recipe import RecipeConfig, _options, run_recipe
+    cfg = RecipeConfig(output_dir="unused", extra=stage_options(["instruct.batch_size=16", "align.lr_projector=2e-3"]))
+    assert _options(cfg, "instruct", stage="instruct", batch_size=8, seed=0) == {"stage": "instruct", "batch_size": 16,
+                                                                                 "seed": 0}
+    assert _options(cfg, "align", stage="align", lr_projector=1e-3) == {"stage": "align", "lr_projector": 2e-3}
     out = tmp_path / "recipe"
     run_recipe(RecipeConfig(output_dir=str(out), minutes=0.2, train_scenes=16, eval_scenes=1, progress=False,
                             stages=("data", "clip"), extra=stage_options(

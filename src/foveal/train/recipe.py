@@ -85,7 +85,7 @@ class RecipeConfig:
             raise ConfigError(f"--patch-size {self.patch_size} must divide --image-size {self.image_size}")
 
 
-def _options(cfg: RecipeConfig, stage: str, **settings) -> dict:
+def _options(cfg: RecipeConfig, stage: str, /, **settings) -> dict:
     """The recipe's settings for a stage, overridden by the user's (`--stage-option STAGE.KEY=VALUE`)."""
     return {**settings, **cfg.extra.get(stage, {})}
 
