@@ -241,6 +241,13 @@ class CaptionBatcher:
         self.world = WorldConfig(image_size=cfg.image_size)
         self.processor = ImageProcessorConfig.from_hf(image_processor_config(cfg.image_size))
         self.pad = tokenizer.token_to_id("<pad>")
+        # the words every object region / character is contrasted with: the same each batch, tokenized once
+        from ..data.language import object_phrase
+        from ..data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
+        attributes = (("shape", SHAPES), ("color", tuple(COLORS)), ("size", tuple(SIZES)))
+        self.attribute_words = [(attr, values, *self._tokens([object_phrase(_with(attr, v), (attr,)) for v in values]))
+                                for attr, values in attributes]
+        self.alphabet = self._tokens(list(TEXT_ALPHABET))
 
     def batch(self, start: int, n: int, canonical: bool = False, regions: bool = False):
         """-> (pixels, ids, mask, texts), plus `regions(...)` of the same scenes when asked."""
@@ -262,7 +269,7 @@ class CaptionBatcher:
         whose words are the text alphabet."""
         from ..data.language import object_phrase
         from ..data.render import text_boxes
-        from ..data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
+        from ..data.world import TEXT_ALPHABET
         grid = self.cfg.image_size // self.cfg.patch_size
         P = grid * grid
         rows, phrases, target = [], {}, []
@@ -271,26 +278,20 @@ class CaptionBatcher:
             for o in scene.objects:
                 rows.append([b * P + j for j in self._patches(o.bbox, cell, grid)])
                 target.append(phrases.setdefault(object_phrase(o), len(phrases)))
-        pool = torch.zeros(len(rows), len(scenes) * P)
-        for i, idx in enumerate(rows):
-            pool[i, idx] = 1.0 / len(idx)
+        pool = _mean_pool(rows, len(scenes) * P)
         out = (pool, *self._tokens(list(phrases)), torch.tensor(target))
         if self.cfg.attribute_weight > 0:
             objects = [o for scene in scenes for o in scene.objects]
-            for attr, values in (("shape", SHAPES), ("color", tuple(COLORS)), ("size", tuple(SIZES))):
-                words = [object_phrase(o, (attr,)) for o in (_with(attr, v) for v in values)]
-                out += ((pool, *self._tokens(words), torch.tensor([values.index(getattr(o, attr)) for o in objects]),
+            for attr, values, ids, mask in self.attribute_words:
+                out += ((pool, ids, mask, torch.tensor([values.index(getattr(o, attr)) for o in objects]),
                          self.cfg.attribute_weight / 3),)
         if self.cfg.glyph_weight > 0:
-            chars = [(b, (x0, y0, x1 - 1, y1 - 1), ch) for b, scene in enumerate(scenes)      # boxes end-exclusive
+            chars = [([b * P + j for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid, grid)], ch)
+                     for b, scene in enumerate(scenes)                  # text boxes are end-exclusive
                      for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")]
             if chars:      # each rendered character's patches against the alphabet
-                char_pool = torch.zeros(len(chars), len(scenes) * P)
-                for i, (b, box, _) in enumerate(chars):
-                    idx = self._patches(box, scenes[b].image_size / grid, grid)
-                    char_pool[i, [b * P + j for j in idx]] = 1.0 / len(idx)
-                out += ((char_pool, *self._tokens(list(TEXT_ALPHABET)),
-                         torch.tensor([TEXT_ALPHABET.index(ch) for _, _, ch in chars]), self.cfg.glyph_weight),)
+                out += ((_mean_pool([idx for idx, _ in chars], len(scenes) * P), *self.alphabet,
+                         torch.tensor([TEXT_ALPHABET.index(ch) for _, ch in chars]), self.cfg.glyph_weight),)
         return out
 
     @staticmethod
@@ -311,6 +312,14 @@ class CaptionBatcher:
             ids[i, :k] = torch.tensor(e.ids[:k])
             mask[i, :k] = True
         return ids, mask
+
+
+def _mean_pool(rows: list[list[int]], width: int) -> torch.Tensor:
+    """(len(rows), width) matrix whose row i averages the columns rows[i] names."""
+    pool = torch.zeros(len(rows), width)
+    for i, idx in enumerate(rows):
+        pool[i, idx] = 1.0 / len(idx)
+    return pool
 
 
 def _with(attr: str, value: str):

@@ -194,14 +194,15 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         left = budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_share * budget_s - 0.008 * n_train
         minutes = max(0.5, left / 60)
         _say(f"instruct: {minutes:.1f} minutes")
-        result = train(TrainConfig(**_options(cfg, "instruct", stage="instruct", model=str(out / "align"),
-                                   data=str(data_dir / "llava_instruct.json"),
-                                   output_dir=str(out / "instruct"), batch_size=cfg.instruct_batch, epochs=100.0,
-                                   lr_projector=cfg.lr_projector, lr_lm=cfg.lr_lm, train_vision=True,
-                                   lr_vision=cfg.lr_vision, warmup_ratio=0.02, max_minutes=minutes, group_by_length=True,
-                                   weight_decay=0.0, seed=cfg.seed, save_dtype=cfg.save_dtype, progress=cfg.progress)))
+        settings = _options(cfg, "instruct", stage="instruct", model=str(out / "align"),
+                            data=str(data_dir / "llava_instruct.json"),
+                            output_dir=str(out / "instruct"), batch_size=cfg.instruct_batch, epochs=100.0,
+                            lr_projector=cfg.lr_projector, lr_lm=cfg.lr_lm, train_vision=True,
+                            lr_vision=cfg.lr_vision, warmup_ratio=0.02, max_minutes=minutes, group_by_length=True,
+                            weight_decay=0.0, seed=cfg.seed, save_dtype=cfg.save_dtype, progress=cfg.progress)
+        result = train(TrainConfig(**settings))
         stage_done("instruct", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4),
-                   examples=len(result.steps) * cfg.extra.get("instruct", {}).get("batch_size", cfg.instruct_batch))
+                   examples=len(result.steps) * settings["batch_size"])
         _publish(out / "instruct", out / "model")
 
     if "eval" in cfg.stages:
