@@ -9,6 +9,8 @@ model for a few hundred steps on a small text corpus, so its predictions are con
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import foveal
 from foveal.bundled import build_random_model, random_config
 from foveal.errors import ConfigError, WeightsError
-from foveal.quant import Int4Linear, Int8Linear, quantize_model, quantized_modules, set_fast_path
+from foveal.quant import Int4Linear, Int8Linear, native, quantize_model, quantized_modules, set_fast_path
 from foveal.quant.check import compare, teacher_forced_agreement
 from foveal.quant.quantize import save_quantized
 
@@ -121,6 +123,73 @@ def test_fast_path_matches_fallback(cls, kw, rows):
     ref = linear(x).float()
     tol = 0.02 if cls is Int8Linear else 0.15
     assert (slow.float() - ref).abs().max() / ref.abs().max() < tol
+
+
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+
+
+@needs_cc
+@pytest.mark.parametrize("n, k", [(1, 32), (37, 101), (300, 896), (64, 4864)])
+def test_native_int8_kernel_matches_float(n, k):
+    """foveal's own one-row int8 kernel (built here with the system compiler) equals the float product
+    to bf16 rounding, tails (K not a multiple of 32) and odd row counts included."""
+    assert native.library() is not None, "the kernel did not build; see the warning"
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    s = (torch.rand(n, generator=g) / 64).bfloat16()
+    x = torch.randn(1, 1, k, generator=g).bfloat16()
+    y = native.int8_gemv(x, w, s)
+    assert y.shape == (1, 1, n) and y.dtype == torch.bfloat16
+    ref = (x.float() @ w.float().t()) * s.float()
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item())
+
+
+@needs_cc
+def test_int8_layer_takes_the_native_kernel_for_one_row_only(monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 96, bias=True).to(torch.bfloat16)
+    q = Int8Linear.from_linear(linear)
+    one, two = torch.randn(1, 1, 192, dtype=torch.bfloat16), torch.randn(1, 2, 192, dtype=torch.bfloat16)
+    assert q.uses_native(one) and not q.uses_native(two) and not q.uses_native(one.float())
+    native_y = q(one)
+    monkeypatch.setenv("FOVEAL_NATIVE", "0")                 # off: PyTorch's packed kernel
+    assert not q.uses_native(one) and q.uses_fast_path(one)
+    torch_y = q(one)
+    q.fast = False                                          # and the forced fallback skips both
+    monkeypatch.setenv("FOVEAL_NATIVE", "1")
+    assert not q.uses_native(one) and not q.uses_fast_path(one)
+    slow_y = q(one)
+    torch.testing.assert_close(native_y.float(), torch_y.float(), atol=0.03, rtol=0.02)
+    torch.testing.assert_close(native_y.float(), slow_y.float(), atol=0.03, rtol=0.02)
+
+
+@needs_cc
+def test_native_build_is_cached(tmp_path):
+    first = native.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]           # no temporary left behind
+
+
+def test_no_compiler_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_path, caplog):
+    """A machine without a working C compiler: one warning naming the problem, and int8 decode still
+    runs (on PyTorch's kernel) with the same answer."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("FOVEAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_TRIED", False)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="foveal"):
+        y = q(x)
+        q(x)
+    warnings = [r.getMessage() for r in caplog.records if "int8 decode kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "no-such-cc" in warnings[0], warnings
+    assert native.library() is None and not q.uses_native(x)
+    ref = linear(x).float()
+    assert (y.float() - ref).abs().max() / ref.abs().max() < 0.02
 
 
 def test_forced_fallback_model(trained, original):

@@ -4,7 +4,8 @@ Design decisions (after gpt-fast's quantize.py):
 - Each is a drop-in replacement for `nn.Linear` holding its own buffers; the state dict holds a
   portable layout (documented below) that does not depend on the PyTorch release.
 - Decode (few rows, bf16 activations, CPU) uses PyTorch's packed kernels
-  `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu`; prefill (many rows), fp32
+  `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu`, except one-row int8, which
+  takes foveal's own kernel when it compiled (`native.py`: ~1.5x the read speed); prefill (many rows), fp32
   activations, other devices and shapes the kernels refuse dequantize to the activation dtype and
   call `F.linear` (bf16 matmuls run on AMX about 15x faster than the packed kernels with many rows).
 - The int4 CPU kernel wants its weight in a private packed layout that changed between releases.
@@ -24,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import native
 
 # Above this many rows the packed kernels lose to dequantize + bf16 matmul (peers.md: ~0.15 vs
 # ~2.5 TFLOP/s); decode has 1 row per sequence.
@@ -78,7 +81,16 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
+    def uses_native(self, x: torch.Tensor) -> bool:
+        """One row of bf16 on the CPU, eager: foveal's own kernel (`native.py`), when it built."""
+        return (self.fast and x.device.type == "cpu" and x.dtype == torch.bfloat16 and _rows(x) == 1
+                and self.weight.is_contiguous() and self.scales.dtype == torch.bfloat16
+                and not torch.compiler.is_compiling() and native.library() is not None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_native(x):
+            y = native.int8_gemv(x, self.weight, self.scales)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.uses_fast_path(x):
             try:
                 y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
