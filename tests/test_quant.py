@@ -152,6 +152,7 @@ def test_int8_layer_takes_the_native_kernel_for_one_row_only(monkeypatch):
     one, two = torch.randn(1, 1, 192, dtype=torch.bfloat16), torch.randn(1, 2, 192, dtype=torch.bfloat16)
     assert q.uses_native(one) and not q.uses_native(two) and not q.uses_native(one.float())
     native_y = q(one)
+    assert torch.equal(native_y, native.int8_gemv(one, q.weight, q.scales) + q.bias)
     monkeypatch.setenv("FOVEAL_NATIVE", "0")                 # off: PyTorch's packed kernel
     assert not q.uses_native(one) and q.uses_fast_path(one)
     torch_y = q(one)
@@ -161,6 +162,22 @@ def test_int8_layer_takes_the_native_kernel_for_one_row_only(monkeypatch):
     slow_y = q(one)
     torch.testing.assert_close(native_y.float(), torch_y.float(), atol=0.03, rtol=0.02)
     torch.testing.assert_close(native_y.float(), slow_y.float(), atol=0.03, rtol=0.02)
+
+
+@needs_cc
+def test_compiled_step_calls_the_native_kernel():
+    """Under torch.compile the layer calls foveal's kernel as a custom operator, with the eager result."""
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(torch.nn.Linear(256, 128, bias=True).to(torch.bfloat16))
+    q.pack()
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    assert q.uses_native(x)
+    eager = q(x)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(q)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert any("foveal.int8_gemv" in str(n.target) for g in explained.graphs for n in g.graph.nodes)
+    torch.testing.assert_close(torch.compile(q, backend="eager")(x), eager)
 
 
 @needs_cc

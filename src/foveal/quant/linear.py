@@ -4,10 +4,10 @@ Design decisions (after gpt-fast's quantize.py):
 - Each is a drop-in replacement for `nn.Linear` holding its own buffers; the state dict holds a
   portable layout (documented below) that does not depend on the PyTorch release.
 - Decode (few rows, bf16 activations, CPU) uses PyTorch's packed kernels
-  `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu`, except one-row int8, which
-  takes foveal's own kernel when it compiled (`native.py`: ~1.5x the read speed); prefill (many rows), fp32
-  activations, other devices and shapes the kernels refuse dequantize to the activation dtype and
-  call `F.linear` (bf16 matmuls run on AMX about 15x faster than the packed kernels with many rows).
+  `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu`, except one row of int8
+  (decode), which takes foveal's own kernel when it compiled (`native.py`: ~1.5x the read speed);
+  prefill (many rows), fp32 activations, other devices and shapes the kernels refuse dequantize to
+  the activation dtype and call `F.linear` (bf16 matmuls run on AMX about 15x faster than the packed kernels with many rows).
 - The int4 CPU kernel wants its weight in a private packed layout that changed between releases.
   `pack()` converts once and keeps a single copy; the layout this module knows (torch 2.13:
   `[N/64, K, 32]` bytes, row n in the low nibble and row n+32 in the high one) is verified by a
@@ -33,6 +33,11 @@ from . import native
 MAX_FAST_ROWS = 16
 BLOCK_ROWS = 4096           # quantizing works on this many rows at a time (a 150k-row head: 37 blocks)
 GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _native_ready() -> bool:
+    # a torch.compile trace reads the settled state only (no build, no environment)
+    return native.ready() if torch.compiler.is_compiling() else native.library() is not None
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -73,6 +78,8 @@ class Int8Linear(nn.Module):
         64-byte aligned (an mmap view into a safetensors file): copy such a weight once."""
         if self.weight.device.type == "cpu" and (self.weight.data_ptr() % 64 or not self.weight.is_contiguous()):
             self.weight = self.weight.contiguous().clone()
+        if self.weight.device.type == "cpu":
+            native.library()            # build / load foveal's kernel now, not inside a compiled trace
 
     def uses_fast_path(self, x: torch.Tensor) -> bool:
         return (self.fast and x.device.type == "cpu" and x.dtype == torch.bfloat16 and _rows(x) <= MAX_FAST_ROWS
@@ -82,14 +89,14 @@ class Int8Linear(nn.Module):
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
     def uses_native(self, x: torch.Tensor) -> bool:
-        """One row of bf16 on the CPU, eager: foveal's own kernel (`native.py`), when it built."""
+        """One row of bf16 on the CPU: foveal's own kernel (`native.py`), when it built."""
         return (self.fast and x.device.type == "cpu" and x.dtype == torch.bfloat16 and _rows(x) == 1
-                and self.weight.is_contiguous() and self.scales.dtype == torch.bfloat16
-                and not torch.compiler.is_compiling() and native.library() is not None)
+                and self.weight.is_contiguous() and self.scales.dtype == torch.bfloat16 and _native_ready())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_native(x):
-            y = native.int8_gemv(x, self.weight, self.scales)
+            gemv = native.int8_gemv_op if torch.compiler.is_compiling() else native.int8_gemv
+            y = gemv(x, self.weight, self.scales)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.uses_fast_path(x):
             try:

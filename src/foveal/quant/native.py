@@ -3,7 +3,10 @@
 Why: decode is one row of activations, so its speed is how fast each weight streams through.
 PyTorch's `_weight_int8pack_mm` reads an int8 weight at 12-15 GB/s on this project's 2-core machine;
 `gemv.c` reads it at ~22 GB/s (measured: a Qwen2-0.5B-shaped int8 decode step went from ~45 to
-~34 ms). PyTorch has no faster one-row int8 kernel to call, so this is the one hand-written kernel.
+~35 ms). PyTorch has no faster one-row int8 kernel to call, so this is the one hand-written kernel.
+(An int4 kernel written the same way, with the codes decoded through a 16-entry table and bf16
+dot products, only matched `_weight_int4pack_mm_for_cpu` here, 12-17 GB/s: both are bound by the
+decoding work on 2 cores, not by memory; so int4 keeps PyTorch's.)
 
 How:
 - The C file ships in the package. The first int8 decode compiles it with the system C compiler
@@ -14,7 +17,8 @@ How:
   self-check that disagrees with PyTorch) logs one warning and foveal keeps using PyTorch's kernel.
   `FOVEAL_NATIVE=0` switches the kernel off.
 - It is called through ctypes, which releases the GIL; OpenMP shares PyTorch's libgomp and uses
-  `torch.get_num_threads()` threads. Under torch.compile the traced graph keeps PyTorch's kernel.
+  `torch.get_num_threads()` threads. A torch.compile'd decode step calls it as the custom
+  operator `foveal::int8_gemv`.
 """
 
 from __future__ import annotations
@@ -93,10 +97,9 @@ def build(out_dir: Path | None = None) -> Path:
 
 def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()))
-    fn = lib.foveal_gemv_int8_bf16
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    lib.foveal_gemv_int8_bf16.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]
+    lib.foveal_gemv_int8_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -140,3 +143,21 @@ def _self_check() -> None:
     ref = (x.float() @ w.float().t()) * s.float()
     got = int8_gemv(x, w, s).float()
     assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2), f"self-check differs from PyTorch by {(got - ref).abs().max()}"
+
+
+def ready() -> bool:
+    """Whether the kernel is loaded, without trying to build them; what a torch.compile trace reads
+    (layers call `library()` when they are packed at load, so this is settled before any trace)."""
+    return _LIB is not None
+
+
+# The same kernel as a PyTorch operator, so that a torch.compile'd decode step calls it too.
+@torch.library.custom_op("foveal::int8_gemv", mutates_args=())
+def int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return int8_gemv(x, weight, scales)
+
+
+@int8_gemv_op.register_fake
+def _(x, weight, scales):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
