@@ -247,6 +247,33 @@ def test_gradient_checkpointing_and_accumulation_keep_the_step(world, bundled, t
     assert plain.losses == pytest.approx(other.losses, abs=1e-5)
 
 
+def test_compiled_training_step_takes_the_same_steps(world, bundled, tmp_path):
+    """--compile: forward and backward through torch.compile give the eager run's losses (bf16 apart)."""
+    base = dict(stage="instruct", model=str(bundled), data=captions(world), max_steps=3, batch_size=4,
+                train_vision=True, **FAST)
+    eager = train(TrainConfig(output_dir=str(tmp_path / "a"), **base))
+    compiled = train(TrainConfig(output_dir=str(tmp_path / "b"), compile=True, **base))
+    assert compiled.finished and compiled.losses == pytest.approx(eager.losses, rel=2e-2)
+    assert json.loads((tmp_path / "b" / "train_config.json").read_text())["compile"] is True
+
+
+def test_a_failing_compile_falls_back_to_eager(world, bundled, tmp_path, monkeypatch, capsys):
+    """No C++ compiler for Inductor (or any compile error): one message naming it, then the same steps eagerly."""
+    def broken(module, **_):
+        def fail(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return fail
+    base = dict(stage="instruct", model=str(bundled), data=captions(world), max_steps=2, batch_size=4, **FAST)
+    eager = train(TrainConfig(output_dir=str(tmp_path / "a"), **base))
+    monkeypatch.setattr(torch, "compile", broken)
+    fallback = train(TrainConfig(output_dir=str(tmp_path / "b"), compile=True, **base))
+    err = capsys.readouterr().err
+    assert err.count("torch.compile of the training step failed") == 1 and "InvalidCxxCompiler" in err
+    assert fallback.losses == pytest.approx(eager.losses, abs=1e-6)
+    with pytest.raises(ConfigError, match="compile must be true or false"):
+        TrainConfig(stage="align", model="m", data="d", output_dir="o", compile="yes")
+
+
 def test_group_by_length_pads_less_and_keeps_every_example_once(world, bundled, tmp_path):
     from foveal.train import Trainer
     common = dict(stage="align", model=str(bundled), data=instruct(world), output_dir=str(tmp_path),

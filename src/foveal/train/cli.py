@@ -33,6 +33,8 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
                    help="bf16 autocast (fp32 master weights) or fp32; auto: bf16 where the CPU/GPU has it")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute LM layers in backward "
                                                                          "(less memory, ~30%% slower)")
+    p.add_argument("--compile", action="store_true", help="forward and backward through torch.compile: "
+                   "~1.3x examples/s on CPU after ~20 s of compiling; falls back to eager if it fails")
     p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
     p.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together (less padding; the order stays random)")
@@ -185,7 +187,8 @@ def config_from_args(args):
                        batch_size=args.batch_size, grad_accum=args.grad_accum, lr_projector=args.lr_projector,
                        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                        max_grad_norm=args.max_grad_norm, precision=args.precision,
-                       gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
+                       gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                       max_length=args.max_length,
                        group_by_length=args.group_by_length,
                        seed=args.seed, device=args.device, save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,

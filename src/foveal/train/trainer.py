@@ -77,6 +77,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"             # auto | bf16 | fp32
     gradient_checkpointing: bool = False
+    compile: bool = False               # forward and backward through torch.compile (~1.3x examples/s on CPU)
     max_length: int | None = None
     group_by_length: bool = False       # batches of similar length (less padding), as LLaVA's --group_by_modality_length
     seed: int = 0
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ConfigError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision {self.precision!r} is not one of auto, bf16, fp32")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
         self.lora_targets = tuple(self.lora_targets)
         defaults = DEFAULT_LR[self.stage]
         for part in ("projector", "lm", "lora"):
@@ -310,6 +313,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.forward = DDP(self.loss_module, device_ids=[self.dist.local_rank] if "cuda" in device else None,
                                find_unused_parameters=has_text_only)
+        if cfg.compile:
+            if self.dist.enabled:
+                raise ConfigError("--compile is not supported under torchrun yet; train without it there")
+            # dynamic: every batch has its own length; the first steps compile (~20 s on 2 cores)
+            self.forward = torch.compile(self.loss_module, dynamic=True)
 
     def _precision(self) -> torch.dtype:
         p = self.cfg.precision
@@ -395,6 +403,23 @@ class Trainer:
         self._say(f"resumed from {folder} at step {self.step}")
 
     # -- output
+    def _loss(self, b: dict, autocast) -> torch.Tensor:
+        """The summed token loss of one micro-batch. A compiled forward that fails (no C++ compiler for
+        Inductor, an unsupported op) says why once and the run goes on eagerly from that batch."""
+        args = (b["input_ids"].to(self.device), b["labels"].to(self.device), b["image_mask"].to(self.device),
+                b["pixels"].to(self.device) if b["pixels"] is not None else None, b.get("views"), b.get("sizes"))
+        try:
+            with autocast:
+                return self.forward(*args)
+        except Exception as e:   # noqa: BLE001 - any compilation failure; nothing was stepped yet
+            if self.forward is self.loss_module or not self.cfg.compile:
+                raise
+            self.forward = self.loss_module
+            self._say(f"torch.compile of the training step failed ({type(e).__name__}: {str(e)[:300]}); "
+                      f"training eagerly from here on")
+            with autocast:
+                return self.forward(*args)
+
     def _say(self, text: str) -> None:
         if self.dist.main:
             print(text, file=sys.stderr, flush=True)
@@ -452,11 +477,7 @@ class Trainer:
                 sync = j == len(micro) - 1
                 ctx = self.forward.no_sync() if d.enabled and not sync else nullcontext()
                 with ctx:
-                    with autocast:
-                        total = self.forward(b["input_ids"].to(self.device), b["labels"].to(self.device),
-                                             b["image_mask"].to(self.device),
-                                             b["pixels"].to(self.device) if b["pixels"] is not None else None,
-                                             b.get("views"), b.get("sizes"))
+                    total = self._loss(b, autocast)
                     (total * (d.world / global_tokens)).backward()
                 loss_sum += float(total.detach())
             params = [p for part in self.groups.values() for _, p in part]
