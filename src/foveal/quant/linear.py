@@ -7,7 +7,8 @@ Design decisions (after gpt-fast's quantize.py):
   `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu`, except one row of int8
   (decode), which takes foveal's own kernel when it compiled (`native.py`: ~1.5x the read speed);
   prefill (many rows), fp32 activations, other devices and shapes the kernels refuse dequantize to
-  the activation dtype and call `F.linear` (bf16 matmuls run on AMX about 15x faster than the packed kernels with many rows).
+  the activation dtype and call `F.linear` (bf16 matmuls run on AMX about 15x faster than the
+  packed kernels with many rows).
 - The int4 CPU kernel wants its weight in a private packed layout that changed between releases.
   `pack()` converts once and keeps a single copy; the layout this module knows (torch 2.13:
   `[N/64, K, 32]` bytes, row n in the low nibble and row n+32 in the high one) is verified by a

@@ -11,8 +11,8 @@ decoding work on 2 cores, not by memory; so int4 keeps PyTorch's.)
 How:
 - The C file ships in the package. The first int8 decode compiles it with the system C compiler
   (`$CC`, else `cc`) and `-O3 -march=native -fopenmp` into `~/.cache/foveal/native/` (or
-  `$FOVEAL_CACHE/native/`), named by a hash of the source, the compiler and the flags; later
-  processes load that file (~0.2 s to build, once).
+  `$FOVEAL_CACHE/native/`), named by a hash of the source, the compiler, the flags and the CPU's
+  features; later processes load that file (~0.2 s to build, once).
 - Anything that goes wrong (no compiler, a compile error, a library that does not load, a
   self-check that disagrees with PyTorch) logs one warning and foveal keeps using PyTorch's kernel.
   `FOVEAL_NATIVE=0` switches the kernel off.
@@ -68,7 +68,7 @@ def _cpu_features() -> str:
 
 
 def build(out_dir: Path | None = None) -> Path:
-    """Compile gemv.c (if not already built with the same source, compiler and flags) and return the
+    """Compile gemv.c (if not already built with the same source, compiler, flags and CPU) and return the
     library's path. Raises RuntimeError with the compiler's message on failure."""
     cc = _compiler()
     source = SOURCE.read_bytes()
@@ -146,7 +146,7 @@ def _self_check() -> None:
 
 
 def ready() -> bool:
-    """Whether the kernel is loaded, without trying to build them; what a torch.compile trace reads
+    """Whether the kernel is loaded, without trying to build it; what a torch.compile trace reads
     (layers call `library()` when they are packed at load, so this is settled before any trace)."""
     return _LIB is not None
 
@@ -160,4 +160,3 @@ def int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
 @int8_gemv_op.register_fake
 def _(x, weight, scales):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-

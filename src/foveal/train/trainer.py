@@ -402,7 +402,6 @@ class Trainer:
         self.history = list(info.get("history", []))
         self._say(f"resumed from {folder} at step {self.step}")
 
-    # -- output
     def _loss(self, b: dict, autocast) -> torch.Tensor:
         """The summed token loss of one micro-batch. A compiled forward that fails (no C++ compiler for
         Inductor, an unsupported op) says why once and the run goes on eagerly from that batch."""
@@ -420,6 +419,7 @@ class Trainer:
             with autocast:
                 return self.forward(*args)
 
+    # -- output
     def _say(self, text: str) -> None:
         if self.dist.main:
             print(text, file=sys.stderr, flush=True)
