@@ -188,6 +188,72 @@ def test_attribute_loss_is_cross_entropy_over_each_attributes_words_and_weights_
         assert torch.allclose(with_captions, loss + caption, rtol=1e-5)
 
 
+def _inside(scene, grid=6, patch=8):
+    """(patch index, object) for every patch whose centre lies in an object's box, in object order."""
+    return [(r * grid + c, o) for o in scene.objects for r in range(grid) for c in range(grid)
+            if o.bbox[0] <= c * patch + patch / 2 <= o.bbox[2] and o.bbox[1] <= r * patch + patch / 2 <= o.bbox[3]]
+
+
+def test_patch_pooled_attribute_words_and_dense_labels_name_the_object_under_each_patch():
+    from tokenizers import Tokenizer
+
+    from foveal.data import generate
+    from foveal.data.render import text_boxes
+    from foveal.data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
+    from foveal.train.clip import CaptionBatcher
+    cfg = ClipConfig(output_dir="unused", attribute_weight=3.0, attribute_pooling="patch", label_weight=2.0,
+                     **TINY_CLIP)
+    batcher = CaptionBatcher(cfg, Tokenizer.from_str(world_tokenizer()), 4)
+    scenes = [e.scene for e in generate(12, seed=4, config=batcher.world)]
+    pool, _, _, _, *attributes = batcher.regions(scenes)
+    labels = attributes.pop()
+    expected = [(b * 36 + j, o) for b, s in enumerate(scenes) for j, o in _inside(s)]
+    assert len(expected) >= sum(len(s.objects) for s in scenes)      # every object has a patch centre inside it
+    values = {"shape": SHAPES, "color": list(COLORS), "size": list(SIZES)}
+    for (attr_pool, _, _, target, weight), attr in zip(attributes, values):
+        assert attr_pool is not pool and weight == 1.0
+        assert attr_pool.shape == (len(expected), 12 * 36)
+        assert [row.nonzero().flatten().tolist() for row in attr_pool] == [[j] for j, _ in expected]
+        assert [values[attr][t] for t in target.tolist()] == [getattr(o, attr) for _, o in expected]
+    assert labels["weight"] == 2.0 and list(labels["targets"]) == ["shape", "color", "size", "char"]
+    for attr in values:
+        label_pool, target = labels["targets"][attr]
+        assert torch.equal(label_pool, attributes[0][0])
+        assert [values[attr][t] for t in target.tolist()] == [getattr(o, attr) for _, o in expected]
+    glyph_pool, target = labels["targets"]["char"]          # every patch whose centre is inside a character
+    chars = [(b * 36 + r * 6 + c, ch) for b, s in enumerate(scenes)
+             for (x0, y0, x1, y1), ch in zip(text_boxes(s), s.text or "")
+             for r in range(6) for c in range(6) if x0 <= c * 8 + 4 <= x1 - 1 and y0 <= r * 8 + 4 <= y1 - 1]
+    assert len(chars) >= sum(len(s.text or "") for s in scenes)
+    assert [row.nonzero().flatten().tolist() for row in glyph_pool] == [[j] for j, _ in chars]
+    assert [TEXT_ALPHABET[t] for t in target.tolist()] == [ch for _, ch in chars]
+
+
+def test_dense_label_loss_is_the_heads_cross_entropy_and_trains_without_captions(tmp_path):
+    import torch.nn.functional as F
+    from tokenizers import Tokenizer
+
+    from foveal.train.clip import CaptionBatcher, ClipModel, init_weights
+    tok = Tokenizer.from_str(world_tokenizer())
+    cfg = ClipConfig(output_dir="unused", label_weight=3.0, caption_weight=0.0, region_weight=0.0, **TINY_CLIP)
+    pixels, ids, mask, _, regions = CaptionBatcher(cfg, tok, 0).batch(0, 6, regions=True)
+    model = ClipModel(cfg, tok.get_vocab_size())
+    init_weights(model)
+    with torch.no_grad():
+        loss, _ = model(pixels, ids, mask, list(regions))
+        labels = regions[-1]
+        assert list(labels["targets"]) == ["shape", "color", "size", "char"]     # these scenes have text
+        states = model.vision_model(pixels)[0][:, 1:].reshape(-1, cfg.vision_width)
+        expected = sum(F.cross_entropy(model.label_heads[a](model.post_layernorm(pool @ states)), t)
+                       for a, (pool, t) in labels["targets"].items())
+        assert torch.allclose(loss, 3.0 / 4 * expected, rtol=1e-5)          # the heads' terms averaged, times 3
+    report = train_clip(ClipConfig(output_dir=str(tmp_path), max_steps=6, lr=3e-3, label_weight=3.0,
+                                   caption_weight=0.0, region_weight=0.0, **TINY_CLIP))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert report["steps"] == 6 and log[-1]["loss"] < log[0]["loss"]
+    assert not any(k.startswith("vision_model.label") or "head" in k for k in load_file(tmp_path / "model.safetensors"))
+
+
 def test_assemble_builds_a_llava_that_transformers_answers_the_same(clip_dir, lm_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
@@ -279,9 +345,12 @@ def test_assemble_calibrates_the_projector_on_images(clip_dir, lm_dir, tmp_path)
 
 
 def test_negative_nan_or_all_zero_loss_weights_are_refused():
-    for weights in ({"caption_weight": -1.0}, {"caption_weight": 0.0}, {"attribute_weight": float("nan")}):
+    for weights in ({"caption_weight": -1.0}, {"caption_weight": 0.0}, {"attribute_weight": float("nan")},
+                    {"label_weight": -0.5}):
         with pytest.raises(ConfigError, match="loss weights"):
             ClipConfig(output_dir="unused", **weights)
+    with pytest.raises(ConfigError, match="attribute-pooling must be 'region' or 'patch'"):
+        ClipConfig(output_dir="unused", attribute_pooling="pixel")
 
 
 def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refused_by_name(tmp_path):
@@ -308,3 +377,15 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
     assert written["region_weight"] == 1.0                       # the recipe's own value where none is given
     assert cli_main(["train", "recipe", "shapes", "-o", str(tmp_path / "x"), "--stage-option", "clip.nope=1"]) != 0
     assert not (tmp_path / "x").exists()                         # refused before anything ran
+
+
+def test_train_clip_command_takes_the_dense_options(tmp_path):
+    argv = ["train", "clip", "-o", str(tmp_path), "--image-size", "48", "--width", "32", "--layers", "1",
+            "--heads", "2", "--text-width", "32", "--text-layers", "1", "--embed-dim", "16", "--batch-size", "8",
+            "--max-steps", "2", "--eval-size", "8", "--precision", "fp32", "--no-progress",
+            "--attribute-weight", "1", "--attribute-pooling", "patch", "--label-weight", "2"]
+    assert cli_main(argv) == 0
+    written = json.loads((tmp_path / "train_config.json").read_text())
+    assert (written["attribute_pooling"], written["label_weight"], written["attribute_weight"]) == ("patch", 2.0, 1.0)
+    with pytest.raises(SystemExit):
+        cli_main(argv[:-4] + ["--attribute-pooling", "pixels"])

@@ -129,6 +129,11 @@ def add_train_parser(sub) -> None:
                    help="also contrast each rendered character's patches with the text alphabet, with this weight")
     p.add_argument("--caption-weight", type=float, default=1.0,
                    help="weight of the whole-image caption contrast (default 1)")
+    p.add_argument("--attribute-pooling", choices=("region", "patch"), default="region",
+                   help="attribute words against each object's mean patch state (region) or each patch inside it")
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="also train linear heads on every patch inside an object to name its shape, colour and "
+                        "size (the synthetic world's scene labels), with this weight; the heads are not saved")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_clip)
 
@@ -236,7 +241,8 @@ def cmd_clip(args) -> int:
                                    minutes=args.minutes, lr=args.lr, eval_size=args.eval_size,
                                    precision=args.precision, seed=args.seed, region_weight=args.region_weight,
                                    attribute_weight=args.attribute_weight, glyph_weight=args.glyph_weight,
-                                   caption_weight=args.caption_weight,
+                                   caption_weight=args.caption_weight, attribute_pooling=args.attribute_pooling,
+                                   label_weight=args.label_weight,
                                    progress=not args.no_progress))
     print(json.dumps(report["retrieval"]))
     return 0

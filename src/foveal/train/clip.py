@@ -50,6 +50,22 @@ Design decisions:
   The same seed and settings gave a 69 % probe in another run (the time-based schedule makes
   runs differ), and a whole recipe with them a model no better than without (README), so the
   recipe keeps the defaults.
+- What a LLaVA reads is one patch at a time: its attention takes weighted means of single patch
+  states, and a question about "the red object" needs the shape in the red patches themselves.
+  Measured with a linear probe on single patches (a patch whose centre lies inside an object ->
+  that object's shape; 17,787 patches of an unseen seed), the towers trained with the losses above
+  read shape at 44-46 % per patch (the 62.7 % recipe's tower: 44 %; attribute words at weight 3 over
+  each object's patches, `attribute_pooling="patch"`: 46 % in 4 minutes on one thread; the text
+  encoder learns the words' embeddings as slowly as the tower learns shapes).
+- Dense scene labels (`label_weight`): the synthetic world knows what lies under every patch, so
+  linear heads on every patch inside an object (after `post_layernorm`) name that object's shape,
+  colour and size, and on every patch inside a rendered character name the character
+  (cross-entropy, the heads' terms averaged, times the weight), beside the contrastive
+  losses, as SigLIP 2 and LocCa add dense and captioning objectives to a contrastive encoder. The
+  heads are not saved: the tower and the text encoder are written as before. In the
+  recipe's CLIP stage (8.25 minutes, 2 threads, batch 64, lr 3e-3, caption weight 0.2, no region
+  phrases) the per-patch shape probe read 92.6 % (size 93.3 %, colour 99.0 %), and whole-image
+  retrieval rose too (73.4 % / 75.4 % top-1 against 40 % / 46 % for the 62.7 % recipe's tower).
 - Preprocessing is the same `CLIPImageProcessor` arithmetic inference uses (`preprocess_batch`),
   and `preprocessor_config.json` is written with the tower.
 """
@@ -102,6 +118,8 @@ class ClipConfig:
     attribute_weight: float = 0.0       # weight of the region-attribute-word loss (see above)
     caption_weight: float = 1.0         # weight of the whole-image caption loss
     glyph_weight: float = 0.0           # weight of the rendered-character-vs-alphabet loss (see above)
+    attribute_pooling: str = "region"   # attribute words against each object's mean ("region") or each of its patches
+    label_weight: float = 0.0           # weight of the dense scene-label loss (linear heads on patches, see above)
     progress: bool = True
 
     def __post_init__(self):
@@ -110,11 +128,13 @@ class ClipConfig:
         if self.vision_width % self.vision_heads or self.text_width % self.text_heads:
             raise ConfigError("widths must divide by their head counts")
         weights = {"region": self.region_weight, "attribute": self.attribute_weight,
-                   "caption": self.caption_weight, "glyph": self.glyph_weight}
+                   "caption": self.caption_weight, "glyph": self.glyph_weight, "label": self.label_weight}
         if any(not w >= 0 for w in weights.values()) or not any(weights.values()):
             raise ConfigError(f"loss weights must be >= 0 and not all 0; got {weights}")
         if self.batch_size < 2:
             raise ConfigError("contrastive training needs batch-size >= 2")
+        if self.attribute_pooling not in ("region", "patch"):
+            raise ConfigError(f"attribute-pooling must be 'region' or 'patch', got {self.attribute_pooling!r}")
         if self.max_steps < 1:
             raise ConfigError(f"max-steps must be >= 1, got {self.max_steps}")
 
@@ -166,6 +186,12 @@ class ClipModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.region_weight = cfg.region_weight
         self.caption_weight = cfg.caption_weight
+        if cfg.label_weight > 0:        # dense scene labels: one linear head per attribute, dropped after training
+            from ..data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
+            self.label_heads = nn.ModuleDict({"shape": nn.Linear(cfg.vision_width, len(SHAPES)),
+                                              "color": nn.Linear(cfg.vision_width, len(COLORS)),
+                                              "size": nn.Linear(cfg.vision_width, len(SIZES)),
+                                              "char": nn.Linear(cfg.vision_width, len(TEXT_ALPHABET))})
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._embed(self.vision_model(pixels)[0][:, 1:].mean(1))    # mean of the patch states
@@ -186,11 +212,21 @@ class ClipModel(nn.Module):
         if regions is not None:
             pool, phrase_ids, phrase_mask, region_target, *attributes = regions
             flat = states.reshape(-1, states.shape[-1])                          # (B*P, D)
-            region = self._embed(pool @ flat)                                    # (R, E)
-            phrase = self.encode_text(phrase_ids, phrase_mask)                   # (U, E) distinct phrases
-            loss = loss + self.region_weight * F.cross_entropy(scale * region @ phrase.t(), region_target)
+            embedded = {}
+            if self.region_weight > 0:
+                region = embedded[id(pool)] = self._embed(pool @ flat)           # (R, E)
+                phrase = self.encode_text(phrase_ids, phrase_mask)               # (U, E) distinct phrases
+                loss = loss + self.region_weight * F.cross_entropy(scale * region @ phrase.t(), region_target)
+            if attributes and isinstance(attributes[-1], dict):     # dense scene labels (`CaptionBatcher.regions`)
+                labels = attributes.pop()
+                patches = {id(pool): self.post_layernorm(pool @ flat) for pool, _ in labels["targets"].values()}
+                loss = loss + labels["weight"] / len(labels["targets"]) * sum(
+                    F.cross_entropy(self.label_heads[name](patches[id(pool)]).float(), target)
+                    for name, (pool, target) in labels["targets"].items())
             for attr_pool, word_ids, word_mask, word_target, weight in attributes:   # one attribute's words each
-                where = region if attr_pool is pool else self._embed(attr_pool @ flat)
+                if id(attr_pool) not in embedded:
+                    embedded[id(attr_pool)] = self._embed(attr_pool @ flat)
+                where = embedded[id(attr_pool)]
                 word = self.encode_text(word_ids, word_mask)
                 loss = loss + weight * F.cross_entropy(scale * where @ word.t(), word_target)
         return loss, logits
@@ -266,7 +302,11 @@ class CaptionBatcher:
         then, when `attribute_weight` is set, one (pool, word ids, word mask, target (R,), weight) per
         attribute: every word of that attribute ("circle", ..., "red object", ..., "small object"),
         and when `glyph_weight` is set, one more whose pool rows are the rendered characters and
-        whose words are the text alphabet."""
+        whose words are the text alphabet. With `attribute_pooling="patch"` the attribute rows are
+        single patches (each patch whose centre lies inside an object, with that object's word).
+        When `label_weight` is set, the last item is a dict {"weight", "targets": {head: (pool,
+        target)}}: shape, colour and size per patch inside an object, and "char" per patch inside a
+        rendered character when the batch has text."""
         from ..data.language import object_phrase
         from ..data.render import text_boxes
         from ..data.world import TEXT_ALPHABET
@@ -280,10 +320,20 @@ class CaptionBatcher:
                 target.append(phrases.setdefault(object_phrase(o), len(phrases)))
         pool = _mean_pool(rows, len(scenes) * P)
         out = (pool, *self._tokens(list(phrases)), torch.tensor(target))
+        objects = [o for scene in scenes for o in scene.objects]
+        if self.cfg.attribute_pooling == "patch" or self.cfg.label_weight > 0:
+            # every patch whose centre lies inside an object, once per patch, with its object
+            inside = [[b * P + j for j in self._patches(o.bbox, scene.image_size / grid, grid, centres=True)]
+                      for b, scene in enumerate(scenes) for o in scene.objects]
+            patch_pool = _mean_pool([[j] for idx in inside for j in idx], len(scenes) * P)
+            patch_objects = [o for o, idx in zip(objects, inside) for _ in idx]
         if self.cfg.attribute_weight > 0:
-            objects = [o for scene in scenes for o in scene.objects]
+            if self.cfg.attribute_pooling == "patch":
+                attr_pool, objects = patch_pool, patch_objects
+            else:
+                attr_pool = pool
             for attr, values, ids, mask in self.attribute_words:
-                out += ((pool, ids, mask, torch.tensor([values.index(getattr(o, attr)) for o in objects]),
+                out += ((attr_pool, ids, mask, torch.tensor([values.index(getattr(o, attr)) for o in objects]),
                          self.cfg.attribute_weight / 3),)
         if self.cfg.glyph_weight > 0:
             chars = [([b * P + j for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid, grid)], ch)
@@ -292,12 +342,30 @@ class CaptionBatcher:
             if chars:      # each rendered character's patches against the alphabet
                 out += ((_mean_pool([idx for idx, _ in chars], len(scenes) * P), *self.alphabet,
                          torch.tensor([TEXT_ALPHABET.index(ch) for _, ch in chars]), self.cfg.glyph_weight),)
+        if self.cfg.label_weight > 0:
+            from ..data.world import COLORS, SHAPES, SIZES
+            values = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES)}
+            targets = {a: (patch_pool, torch.tensor([v.index(getattr(o, a)) for o in patch_objects]))
+                       for a, v in values.items()}
+            glyphs = [(b * P + j, ch) for b, scene in enumerate(scenes)            # text boxes are end-exclusive
+                      for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")
+                      for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid, grid, centres=True)]
+            if glyphs:     # every patch inside a rendered character names the character
+                targets["char"] = (_mean_pool([[j] for j, _ in glyphs], len(scenes) * P),
+                                   torch.tensor([TEXT_ALPHABET.index(ch) for _, ch in glyphs]))
+            out += ({"weight": self.cfg.label_weight, "targets": targets},)
         return out
 
     @staticmethod
-    def _patches(box, cell: float, grid: int) -> list[int]:
-        """Row-major indices of the patches a pixel box (x0, y0, x1, y1) touches."""
+    def _patches(box, cell: float, grid: int, centres: bool = False) -> list[int]:
+        """Row-major indices of the patches a pixel box (x0, y0, x1, y1) touches; with `centres`, of
+        those whose centre lies in the box (the touched ones when no centre does)."""
         x0, y0, x1, y1 = box
+        if centres:
+            inside = [r * grid + c for r in range(grid) for c in range(grid)
+                      if x0 <= (c + 0.5) * cell <= x1 and y0 <= (r + 0.5) * cell <= y1]
+            if inside:
+                return inside
         c0, c1 = int(x0 // cell), min(grid - 1, int(x1 // cell))
         r0, r1 = int(y0 // cell), min(grid - 1, int(y1 // cell))
         return [r * grid + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
@@ -406,7 +474,7 @@ def train_clip(cfg: ClipConfig) -> dict:
     bar = _progress(total, 0, cfg.progress)
     history, t0 = [], time.perf_counter()
     budget_s = cfg.minutes * 60 if cfg.minutes else None
-    regional = max(cfg.region_weight, cfg.attribute_weight, cfg.glyph_weight) > 0
+    regional = max(cfg.region_weight, cfg.attribute_weight, cfg.glyph_weight, cfg.label_weight) > 0
     for step in range(total):
         factor = budget_lr_factor(step, total, warmup, time.perf_counter() - t0, budget_s)
         pixels, ids, mask, _, *regions = train_data.batch(step * cfg.batch_size, cfg.batch_size, regions=regional)
