@@ -227,6 +227,8 @@ def test_patch_pooled_attribute_words_and_dense_labels_name_the_object_under_eac
     assert len(chars) >= sum(len(s.text or "") for s in scenes)
     assert [row.nonzero().flatten().tolist() for row in glyph_pool] == [[j] for j, _ in chars]
     assert [TEXT_ALPHABET[t] for t in target.tolist()] == [ch for _, ch in chars]
+    batcher.cfg = ClipConfig(output_dir="unused", label_weight=2.0, label_chars=False, **TINY_CLIP)
+    assert list(batcher.regions(scenes)[-1]["targets"]) == ["shape", "color", "size"]
 
 
 def test_dense_label_loss_is_the_heads_cross_entropy_and_trains_without_captions(tmp_path):
@@ -383,9 +385,10 @@ def test_train_clip_command_takes_the_dense_options(tmp_path):
     argv = ["train", "clip", "-o", str(tmp_path), "--image-size", "48", "--width", "32", "--layers", "1",
             "--heads", "2", "--text-width", "32", "--text-layers", "1", "--embed-dim", "16", "--batch-size", "8",
             "--max-steps", "2", "--eval-size", "8", "--precision", "fp32", "--no-progress",
-            "--attribute-weight", "1", "--attribute-pooling", "patch", "--label-weight", "2"]
+            "--attribute-weight", "1", "--label-weight", "2", "--no-label-chars", "--attribute-pooling", "patch"]
     assert cli_main(argv) == 0
     written = json.loads((tmp_path / "train_config.json").read_text())
     assert (written["attribute_pooling"], written["label_weight"], written["attribute_weight"]) == ("patch", 2.0, 1.0)
+    assert written["label_chars"] is False
     with pytest.raises(SystemExit):
-        cli_main(argv[:-4] + ["--attribute-pooling", "pixels"])
+        cli_main(argv[:-2] + ["--attribute-pooling", "pixels"])

@@ -134,6 +134,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="also train linear heads on every patch inside an object to name its shape, colour and "
                         "size (the synthetic world's scene labels), with this weight; the heads are not saved")
+    p.add_argument("--no-label-chars", action="store_true",
+                   help="with --label-weight: no head naming the character under each rendered glyph's patches")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_clip)
 
@@ -242,7 +244,7 @@ def cmd_clip(args) -> int:
                                    precision=args.precision, seed=args.seed, region_weight=args.region_weight,
                                    attribute_weight=args.attribute_weight, glyph_weight=args.glyph_weight,
                                    caption_weight=args.caption_weight, attribute_pooling=args.attribute_pooling,
-                                   label_weight=args.label_weight,
+                                   label_weight=args.label_weight, label_chars=not args.no_label_chars,
                                    progress=not args.no_progress))
     print(json.dumps(report["retrieval"]))
     return 0

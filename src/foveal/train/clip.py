@@ -120,6 +120,7 @@ class ClipConfig:
     glyph_weight: float = 0.0           # weight of the rendered-character-vs-alphabet loss (see above)
     attribute_pooling: str = "region"   # attribute words against each object's mean ("region") or each of its patches
     label_weight: float = 0.0           # weight of the dense scene-label loss (linear heads on patches, see above)
+    label_chars: bool = True            # ... with a head naming the character under each glyph patch
     progress: bool = True
 
     def __post_init__(self):
@@ -350,7 +351,7 @@ class CaptionBatcher:
             glyphs = [(b * P + j, ch) for b, scene in enumerate(scenes)            # text boxes are end-exclusive
                       for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")
                       for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid, grid, centres=True)]
-            if glyphs:     # every patch inside a rendered character names the character
+            if glyphs and self.cfg.label_chars:     # every patch inside a rendered character names the character
                 targets["char"] = (_mean_pool([[j] for j, _ in glyphs], len(scenes) * P),
                                    torch.tensor([TEXT_ALPHABET.index(ch) for _, ch in glyphs]))
             out += ({"weight": self.cfg.label_weight, "targets": targets},)
