@@ -376,7 +376,10 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
                                 ["clip.batch_size=8", "clip.attribute_weight=2.5", "clip.max_steps=2"])))
     written = json.loads((out / "clip" / "train_config.json").read_text())
     assert (written["batch_size"], written["attribute_weight"], written["max_steps"]) == (8, 2.5, 2)
-    assert written["region_weight"] == 1.0                       # the recipe's own value where none is given
+    recipe = RecipeConfig(output_dir="unused")                   # the recipe's own values where none is given
+    assert (written["label_weight"], written["caption_weight"], written["lr"]) == (
+        recipe.clip_label_weight, recipe.clip_caption_weight, recipe.clip_lr)
+    assert written["region_weight"] == recipe.clip_region_weight and written["label_weight"] > 0
     assert cli_main(["train", "recipe", "shapes", "-o", str(tmp_path / "x"), "--stage-option", "clip.nope=1"]) != 0
     assert not (tmp_path / "x").exists()                         # refused before anything ran
 
