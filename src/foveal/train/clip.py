@@ -92,6 +92,12 @@ from ..models.vision import VisionTower
 EVAL_SEED_OFFSET = 7919  # the held-out retrieval batch's world seed is seed + this
 
 
+def _attributes() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(attribute, its values) of a world object: what attribute words and label heads name."""
+    from ..data.world import COLORS, SHAPES, SIZES
+    return (("shape", SHAPES), ("color", tuple(COLORS)), ("size", tuple(SIZES)))
+
+
 @dataclass
 class ClipConfig:
     output_dir: str
@@ -188,11 +194,11 @@ class ClipModel(nn.Module):
         self.region_weight = cfg.region_weight
         self.caption_weight = cfg.caption_weight
         if cfg.label_weight > 0:        # dense scene labels: one linear head per attribute, dropped after training
-            from ..data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
-            self.label_heads = nn.ModuleDict({"shape": nn.Linear(cfg.vision_width, len(SHAPES)),
-                                              "color": nn.Linear(cfg.vision_width, len(COLORS)),
-                                              "size": nn.Linear(cfg.vision_width, len(SIZES)),
-                                              "char": nn.Linear(cfg.vision_width, len(TEXT_ALPHABET))})
+            from ..data.world import TEXT_ALPHABET
+            classes = {attr: len(values) for attr, values in _attributes()}
+            if cfg.label_chars:
+                classes["char"] = len(TEXT_ALPHABET)
+            self.label_heads = nn.ModuleDict({name: nn.Linear(cfg.vision_width, n) for name, n in classes.items()})
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._embed(self.vision_model(pixels)[0][:, 1:].mean(1))    # mean of the patch states
@@ -280,10 +286,9 @@ class CaptionBatcher:
         self.pad = tokenizer.token_to_id("<pad>")
         # the words every object region / character is contrasted with: the same each batch, tokenized once
         from ..data.language import object_phrase
-        from ..data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
-        attributes = (("shape", SHAPES), ("color", tuple(COLORS)), ("size", tuple(SIZES)))
+        from ..data.world import TEXT_ALPHABET
         self.attribute_words = [(attr, values, *self._tokens([object_phrase(_with(attr, v), (attr,)) for v in values]))
-                                for attr, values in attributes]
+                                for attr, values in _attributes()]
         self.alphabet = self._tokens(list(TEXT_ALPHABET))
 
     def batch(self, start: int, n: int, canonical: bool = False, regions: bool = False):
@@ -309,7 +314,6 @@ class CaptionBatcher:
         target)}}: shape, colour and size per patch inside an object, and "char" per patch inside a
         rendered character when the batch has text."""
         from ..data.language import object_phrase
-        from ..data.render import text_boxes
         from ..data.world import TEXT_ALPHABET
         grid = self.cfg.image_size // self.cfg.patch_size
         P = grid * grid
@@ -337,25 +341,29 @@ class CaptionBatcher:
                 out += ((attr_pool, ids, mask, torch.tensor([values.index(getattr(o, attr)) for o in objects]),
                          self.cfg.attribute_weight / 3),)
         if self.cfg.glyph_weight > 0:
-            chars = [([b * P + j for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid, grid)], ch)
-                     for b, scene in enumerate(scenes)                  # text boxes are end-exclusive
-                     for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")]
+            chars = self._characters(scenes)
             if chars:      # each rendered character's patches against the alphabet
                 out += ((_mean_pool([idx for idx, _ in chars], len(scenes) * P), *self.alphabet,
                          torch.tensor([TEXT_ALPHABET.index(ch) for _, ch in chars]), self.cfg.glyph_weight),)
         if self.cfg.label_weight > 0:
-            from ..data.world import COLORS, SHAPES, SIZES
-            values = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES)}
             targets = {a: (patch_pool, torch.tensor([v.index(getattr(o, a)) for o in patch_objects]))
-                       for a, v in values.items()}
-            glyphs = [(b * P + j, ch) for b, scene in enumerate(scenes)            # text boxes are end-exclusive
-                      for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")
-                      for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid, grid, centres=True)]
-            if glyphs and self.cfg.label_chars:     # every patch inside a rendered character names the character
+                       for a, v in _attributes()}
+            characters = self._characters(scenes, centres=True) if self.cfg.label_chars else []
+            glyphs = [(j, ch) for idx, ch in characters for j in idx]
+            if glyphs:     # every patch inside a rendered character names the character
                 targets["char"] = (_mean_pool([[j] for j, _ in glyphs], len(scenes) * P),
                                    torch.tensor([TEXT_ALPHABET.index(ch) for _, ch in glyphs]))
             out += ({"weight": self.cfg.label_weight, "targets": targets},)
         return out
+
+    def _characters(self, scenes, centres: bool = False) -> list[tuple[list[int], str]]:
+        """(batch-wide patch indices, character) of every rendered character; see `_patches`."""
+        from ..data.render import text_boxes
+        grid = self.cfg.image_size // self.cfg.patch_size
+        return [([b * grid * grid + j for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid,
+                                                               grid, centres)], ch)
+                for b, scene in enumerate(scenes)                        # text boxes are end-exclusive
+                for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")]
 
     @staticmethod
     def _patches(box, cell: float, grid: int, centres: bool = False) -> list[int]:
