@@ -132,8 +132,9 @@ def test_attribute_and_glyph_regions_name_each_objects_words_and_each_characters
 
     from foveal.data import generate
     from foveal.data.render import text_boxes
-    from foveal.data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
+    from foveal.data.world import CELL_NAMES, COLORS, SHAPES, SIZES, TEXT_ALPHABET
     from foveal.train.clip import CaptionBatcher
+    CELLS = [name for row in CELL_NAMES for name in row]
     cfg = ClipConfig(output_dir="unused", attribute_weight=3.0, glyph_weight=0.5, **TINY_CLIP)
     tok = Tokenizer.from_str(world_tokenizer())
     batcher = CaptionBatcher(cfg, tok, 4)
@@ -199,8 +200,9 @@ def test_patch_pooled_attribute_words_and_dense_labels_name_the_object_under_eac
 
     from foveal.data import generate
     from foveal.data.render import text_boxes
-    from foveal.data.world import COLORS, SHAPES, SIZES, TEXT_ALPHABET
+    from foveal.data.world import CELL_NAMES, COLORS, SHAPES, SIZES, TEXT_ALPHABET
     from foveal.train.clip import CaptionBatcher
+    CELLS = [name for row in CELL_NAMES for name in row]
     cfg = ClipConfig(output_dir="unused", attribute_weight=3.0, attribute_pooling="patch", label_weight=2.0,
                      **TINY_CLIP)
     batcher = CaptionBatcher(cfg, Tokenizer.from_str(world_tokenizer()), 4)
@@ -229,6 +231,13 @@ def test_patch_pooled_attribute_words_and_dense_labels_name_the_object_under_eac
     assert [TEXT_ALPHABET[t] for t in target.tolist()] == [ch for _, ch in chars]
     batcher.cfg = ClipConfig(output_dir="unused", label_weight=2.0, label_chars=False, **TINY_CLIP)
     assert list(batcher.regions(scenes)[-1]["targets"]) == ["shape", "color", "size"]
+    # with label_cells, every patch inside an object also names the object's grid cell ("top left", ...)
+    batcher.cfg = ClipConfig(output_dir="unused", label_weight=2.0, label_chars=False, label_cells=True, **TINY_CLIP)
+    targets = batcher.regions(scenes)[-1]["targets"]
+    assert list(targets) == ["shape", "color", "size", "cell"]
+    cell_pool, target = targets["cell"]
+    assert torch.equal(cell_pool, attributes[0][0])
+    assert [CELLS[t] for t in target.tolist()] == [o.cell for _, o in expected]
 
 
 def test_dense_label_loss_is_the_heads_cross_entropy_and_trains_without_captions(tmp_path):
@@ -237,18 +246,20 @@ def test_dense_label_loss_is_the_heads_cross_entropy_and_trains_without_captions
 
     from foveal.train.clip import CaptionBatcher, ClipModel, init_weights
     tok = Tokenizer.from_str(world_tokenizer())
-    cfg = ClipConfig(output_dir="unused", label_weight=3.0, caption_weight=0.0, region_weight=0.0, **TINY_CLIP)
+    cfg = ClipConfig(output_dir="unused", label_weight=3.0, caption_weight=0.0, region_weight=0.0, label_cells=True,
+                     **TINY_CLIP)
     pixels, ids, mask, _, regions = CaptionBatcher(cfg, tok, 0).batch(0, 6, regions=True)
     model = ClipModel(cfg, tok.get_vocab_size())
     init_weights(model)
+    assert model.label_heads["cell"].out_features == 9
     with torch.no_grad():
         loss, _ = model(pixels, ids, mask, list(regions))
         labels = regions[-1]
-        assert list(labels["targets"]) == ["shape", "color", "size", "char"]     # these scenes have text
+        assert list(labels["targets"]) == ["shape", "color", "size", "cell", "char"]     # these scenes have text
         states = model.vision_model(pixels)[0][:, 1:].reshape(-1, cfg.vision_width)
         expected = sum(F.cross_entropy(model.label_heads[a](model.post_layernorm(pool @ states)), t)
                        for a, (pool, t) in labels["targets"].items())
-        assert torch.allclose(loss, 3.0 / 4 * expected, rtol=1e-5)          # the heads' terms averaged, times 3
+        assert torch.allclose(loss, 3.0 / 5 * expected, rtol=1e-5)          # the heads' terms averaged, times 3
     report = train_clip(ClipConfig(output_dir=str(tmp_path), max_steps=6, lr=3e-3, label_weight=3.0,
                                    caption_weight=0.0, region_weight=0.0, **TINY_CLIP))
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -380,6 +391,7 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
     assert (written["label_weight"], written["caption_weight"], written["lr"]) == (
         recipe.clip_label_weight, recipe.clip_caption_weight, recipe.clip_lr)
     assert written["region_weight"] == recipe.clip_region_weight and written["label_weight"] > 0
+    assert (written["label_chars"], written["label_cells"]) == (recipe.clip_label_chars, recipe.clip_label_cells)
     assert cli_main(["train", "recipe", "shapes", "-o", str(tmp_path / "x"), "--stage-option", "clip.nope=1"]) != 0
     assert not (tmp_path / "x").exists()                         # refused before anything ran
 
@@ -388,10 +400,11 @@ def test_train_clip_command_takes_the_dense_options(tmp_path):
     argv = ["train", "clip", "-o", str(tmp_path), "--image-size", "48", "--width", "32", "--layers", "1",
             "--heads", "2", "--text-width", "32", "--text-layers", "1", "--embed-dim", "16", "--batch-size", "8",
             "--max-steps", "2", "--eval-size", "8", "--precision", "fp32", "--no-progress",
-            "--attribute-weight", "1", "--label-weight", "2", "--no-label-chars", "--attribute-pooling", "patch"]
+            "--attribute-weight", "1", "--label-weight", "2", "--no-label-chars", "--label-cells",
+            "--attribute-pooling", "patch"]
     assert cli_main(argv) == 0
     written = json.loads((tmp_path / "train_config.json").read_text())
     assert (written["attribute_pooling"], written["label_weight"], written["attribute_weight"]) == ("patch", 2.0, 1.0)
-    assert written["label_chars"] is False
+    assert written["label_chars"] is False and written["label_cells"] is True
     with pytest.raises(SystemExit):
         cli_main(argv[:-2] + ["--attribute-pooling", "pixels"])

@@ -127,6 +127,7 @@ class ClipConfig:
     attribute_pooling: str = "region"   # attribute words against each object's mean ("region") or each of its patches
     label_weight: float = 0.0           # weight of the dense scene-label loss (linear heads on patches, see above)
     label_chars: bool = True            # ... with a head naming the character under each glyph patch
+    label_cells: bool = False           # ... and one naming the grid cell ("top left", ...) of the object under each patch
     progress: bool = True
 
     def __post_init__(self):
@@ -196,6 +197,8 @@ class ClipModel(nn.Module):
         if cfg.label_weight > 0:        # dense scene labels: one linear head per attribute, dropped after training
             from ..data.world import TEXT_ALPHABET
             classes = {attr: len(values) for attr, values in _attributes()}
+            if cfg.label_cells:
+                classes["cell"] = len(_cells())
             if cfg.label_chars:
                 classes["char"] = len(TEXT_ALPHABET)
             self.label_heads = nn.ModuleDict({name: nn.Linear(cfg.vision_width, n) for name, n in classes.items()})
@@ -274,6 +277,12 @@ def init_weights(model: ClipModel) -> None:
                 p.zero_()
 
 
+def _cells() -> tuple[str, ...]:
+    """The grid cells' names, row-major: what "where is the X?" answers and the cell label head names."""
+    from ..data.world import CELL_NAMES
+    return tuple(name for row in CELL_NAMES for name in row)
+
+
 class CaptionBatcher:
     """Scenes of one world seed -> (pixels, token ids, mask) batches."""
 
@@ -312,7 +321,8 @@ class CaptionBatcher:
         single patches (each patch whose centre lies inside an object, with that object's word).
         When `label_weight` is set, the last item is a dict {"weight", "targets": {head: (pool,
         target)}}: shape, colour and size per patch inside an object, and "char" per patch inside a
-        rendered character when the batch has text."""
+        rendered character when the batch has text, and "cell" per patch inside an object (the object's
+        grid cell) with `label_cells`."""
         from ..data.language import object_phrase
         from ..data.world import TEXT_ALPHABET
         grid = self.cfg.image_size // self.cfg.patch_size
@@ -348,6 +358,8 @@ class CaptionBatcher:
         if self.cfg.label_weight > 0:
             targets = {a: (patch_pool, torch.tensor([v.index(getattr(o, a)) for o in patch_objects]))
                        for a, v in _attributes()}
+            if self.cfg.label_cells:
+                targets["cell"] = (patch_pool, torch.tensor([_cells().index(o.cell) for o in patch_objects]))
             characters = self._characters(scenes, centres=True) if self.cfg.label_chars else []
             glyphs = [(j, ch) for idx, ch in characters for j in idx]
             if glyphs:     # every patch inside a rendered character names the character

@@ -73,6 +73,7 @@ class RecipeConfig:
     # the CLIP stage (train/clip.py): dense scene labels under every patch, captions turned down
     clip_label_weight: float = 4.0
     clip_label_chars: bool = True
+    clip_label_cells: bool = True             # each object patch also names its grid cell (see train/clip.py)
     clip_caption_weight: float = 0.2
     clip_region_weight: float = 0.0           # region-phrase contrast
     clip_batch: int = 64
@@ -172,6 +173,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                                        max_steps=100_000, minutes=cfg.minutes * cfg.clip_share, seed=cfg.seed,
                                        progress=cfg.progress, region_weight=cfg.clip_region_weight,
                                        label_weight=cfg.clip_label_weight, label_chars=cfg.clip_label_chars,
+                                       label_cells=cfg.clip_label_cells,
                                        caption_weight=cfg.clip_caption_weight, batch_size=cfg.clip_batch,
                                        lr=cfg.clip_lr)))
         stage_done("clip", t0, steps=report["steps"], final_loss=report["final_loss"],
