@@ -162,9 +162,11 @@ def test_quantized_weights_agree_with_the_bundled_model(ours, quant_questions, m
 def test_recipe_runs_end_to_end_at_a_tiny_budget(tmp_path):
     out = tmp_path / "recipe"
     assert cli_main(["train", "recipe", "shapes", "-o", str(out), "--minutes-budget", "2", "--train-scenes", "64",
-                     "--eval-scenes", "4", "--no-progress"]) == 0
+                     "--eval-scenes", "4", "--dense-share", "0.05", "--no-progress"]) == 0
     summary = json.loads((out / "recipe.json").read_text())
-    assert list(summary["stages"]) == ["data", "clip", "lm", "assemble", "align", "instruct", "eval"]
+    assert list(summary["stages"]) == ["data", "clip", "lm", "assemble", "dense", "align", "instruct", "eval"]
+    assert summary["stages"]["dense"]["steps"] > 0
+    assert json.loads((out / "align" / "train_config.json").read_text())["model"] == str(out / "dense")
     assert "retrieval" in summary["stages"]["clip"] and summary["model_bytes"] > 0
     for name in MODEL_FILES:
         assert (out / "model" / name).is_file(), name

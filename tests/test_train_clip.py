@@ -392,6 +392,10 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
         recipe.clip_label_weight, recipe.clip_caption_weight, recipe.clip_lr)
     assert written["region_weight"] == recipe.clip_region_weight and written["label_weight"] > 0
     assert (written["label_chars"], written["label_cells"]) == (recipe.clip_label_chars, recipe.clip_label_cells)
+    assert stage_options(["dense.lr=2e-3", "dense.cells=false"]) == {"dense": {"lr": 2e-3, "cells": False}}
+    with pytest.raises(ConfigError, match="dense-share"):
+        RecipeConfig(output_dir="unused", dense_share=1.5)
+    assert cli_main(["train", "recipe", "shapes", "-o", str(tmp_path / "x"), "--dense-share", "-1"]) != 0
     assert cli_main(["train", "recipe", "shapes", "-o", str(tmp_path / "x"), "--stage-option", "clip.nope=1"]) != 0
     assert not (tmp_path / "x").exists()                         # refused before anything ran
 
@@ -408,3 +412,52 @@ def test_train_clip_command_takes_the_dense_options(tmp_path):
     assert written["label_chars"] is False and written["label_cells"] is True
     with pytest.raises(SystemExit):
         cli_main(argv[:-2] + ["--attribute-pooling", "pixels"])
+
+
+def test_dense_targets_name_each_patchs_object_words_and_characters():
+    from foveal.data import WorldConfig, generate
+    from foveal.data.render import text_boxes
+    from foveal.train.dense import patch_word_targets
+    scenes = [e.scene for e in generate(10, seed=4, config=WorldConfig(image_size=48))]
+    assert any(s.text for s in scenes)
+    encode = lambda text: [ord(ch) for ch in text]             # a stand-in tokenizer: one id per character
+    rows, targets = patch_word_targets(scenes, encode, grid=6, cells=True, chars=True)
+    expected = [(b * 36 + j, [ord(ch) for w in (o.size, o.color, o.shape, *o.cell.split()) for ch in " " + w])
+                for b, s in enumerate(scenes) for j, o in _inside(s)]
+    chars = [(b * 36 + r * 6 + c, [ord(ch)]) for b, s in enumerate(scenes)
+             for (x0, y0, x1, y1), ch in zip(text_boxes(s), s.text or "")
+             for r in range(6) for c in range(6) if x0 <= c * 8 + 4 <= x1 - 1 and y0 <= r * 8 + 4 <= y1 - 1]
+    got = list(zip(rows, targets))
+    assert sorted(got) == sorted(expected + chars)
+    rows, targets = patch_word_targets(scenes, encode, grid=6, cells=False, chars=False)
+    assert list(zip(rows, targets)) == [(j, t[:len(t) - sum(len(" " + w) for w in o.cell.split())])
+                                        for (j, t), (_, o) in zip(expected, [x for s in scenes for x in _inside(s)])]
+
+
+def test_dense_align_moves_only_the_projector_toward_the_object_words(clip_dir, lm_dir, tmp_path):
+    from foveal.data import WorldConfig, generate
+    from foveal.processing.images import preprocess_batch
+    from foveal.train.dense import DenseAlignConfig, dense_align, dense_loss, patch_word_targets
+    assembled = tmp_path / "vlm"
+    assert cli_main(["train", "assemble", "--vision", str(clip_dir[0]), "--lm", str(lm_dir), "-o", str(assembled)]) == 0
+    report = dense_align(DenseAlignConfig(model=str(assembled), output_dir=str(tmp_path / "dense"), minutes=None,
+                                          max_steps=12, batch_size=8, lr=3e-3, seed=1, progress=False))
+    assert report["steps"] == 12 and json.loads((tmp_path / "dense" / "dense_report.json").read_text())["steps"] == 12
+    before, after = load_file(assembled / "model.safetensors"), load_file(tmp_path / "dense" / "model.safetensors")
+    assert set(before) == set(after)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("multi_modal_projector.") for k in moved)
+    # the dense loss on scenes of another seed is lower after than before
+    losses = []
+    for folder in (assembled, tmp_path / "dense"):
+        vlm = foveal.load(folder, dtype="float32")
+        examples = list(generate(16, seed=99, config=WorldConfig(image_size=48)))
+        rows, targets = patch_word_targets([e.scene for e in examples],
+                                           lambda t: vlm.tokenizer.tok.encode(t, add_special_tokens=False).ids, 6)
+        with torch.no_grad():
+            losses.append(float(dense_loss(vlm.model, preprocess_batch([e.image for e in examples], vlm.image_config),
+                                           rows, targets)))
+    assert losses[1] < losses[0]
+    for bad in ({"minutes": 0}, {"max_steps": 0}, {"lr": 0.0}, {"batch_size": 0}):
+        with pytest.raises(ConfigError):
+            DenseAlignConfig(model="m", output_dir="o", **bad)

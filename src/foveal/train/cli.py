@@ -156,7 +156,7 @@ def add_train_parser(sub) -> None:
                         "folder, e.g. the training images (recommended for towers and LMs trained from scratch)")
     p.set_defaults(func=cmd_assemble)
 
-    p = tsub.add_parser("recipe", help="run every stage (data, clip, lm, assemble, align, instruct, eval) and "
+    p = tsub.add_parser("recipe", help="run every stage (data, clip, lm, assemble, [dense], align, instruct, eval) and "
                                        "write a ready model")
     p.add_argument("name", choices=("shapes",), help="recipe: shapes (the bundled model's world)")
     p.add_argument("-o", "--output", required=True)
@@ -167,8 +167,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the recipe's)")
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels (default: the recipe's)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--dense-share", type=float, default=None,
+                   help="share of the budget for the dense word alignment of the projector before stage 1 "
+                        "(train/dense.py; default: the recipe's, 0 = none)")
     p.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override one setting of one stage (clip, lm, align, instruct), as that stage's own "
+                   help="override one setting of one stage (clip, lm, dense, align, instruct), as that stage's own "
                         "command names it, e.g. clip.attribute_weight=3; repeatable")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_recipe)
@@ -269,9 +272,11 @@ def stage_options(options: list[str]) -> dict[str, dict]:
     from dataclasses import fields
 
     from .clip import ClipConfig
+    from .dense import DenseAlignConfig
     from .lm import LMConfig
     from .trainer import TrainConfig
-    known = {"clip": ClipConfig, "lm": LMConfig, "align": TrainConfig, "instruct": TrainConfig}
+    known = {"clip": ClipConfig, "lm": LMConfig, "dense": DenseAlignConfig, "align": TrainConfig,
+             "instruct": TrainConfig}
     out: dict[str, dict] = {}
     for option in options:
         name, eq, raw = option.partition("=")
@@ -294,7 +299,8 @@ def stage_options(options: list[str]) -> dict[str, dict]:
 
 def cmd_recipe(args) -> int:
     from .recipe import RecipeConfig, run_recipe
-    sizes = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v is not None}
+    sizes = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size),
+                               ("dense_share", args.dense_share)) if v is not None}
     summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
                                       save_dtype=args.save_dtype, progress=not args.no_progress,

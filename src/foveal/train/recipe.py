@@ -1,6 +1,6 @@
 """`foveal train recipe shapes -o OUT`: every stage of the bundled model, in order, on a time budget.
 
-    data -> clip -> lm -> assemble -> align -> instruct -> eval (held-out VQA + POPE)
+    data -> clip -> lm -> assemble -> [dense] -> align -> instruct -> eval (held-out VQA + POPE)
 
 Writes OUT/model (the ready HF LLaVA checkpoint), OUT/reports/{vqa,pope}.json (+ tables and charts),
 OUT/recipe.json (per-stage times, figures, load average), and each stage's own folder (data/, clip/,
@@ -82,6 +82,7 @@ class RecipeConfig:
     clip_share: float = 0.15
     lm_share: float = 0.06
     align_share: float = 0.08
+    dense_share: float = 0.0                  # dense word alignment of the projector before align (train/dense.py)
     eval_reserve_share: float = 0.04          # the held-out eval takes ~1 minute
     # stage 2
     instruct_batch: int = 8
@@ -90,7 +91,7 @@ class RecipeConfig:
     lr_vision: float = 1e-4
     save_dtype: str | None = None           # None: float32
     progress: bool = True
-    stages: tuple[str, ...] = ("data", "clip", "lm", "assemble", "align", "instruct", "eval")
+    stages: tuple[str, ...] = ("data", "clip", "lm", "assemble", "dense", "align", "instruct", "eval")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -98,6 +99,8 @@ class RecipeConfig:
             raise ConfigError(f"--minutes-budget must be > 0, got {self.minutes}")
         if self.eval_scenes < 1:
             raise ConfigError("eval-scenes must be >= 1")
+        if not 0 <= self.dense_share < 1:
+            raise ConfigError(f"--dense-share must be within [0, 1), got {self.dense_share}")
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ConfigError(f"--patch-size {self.patch_size} must divide --image-size {self.image_size}")
 
@@ -200,10 +203,21 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         assemble(out / "clip", out / "lm", out / "assembled", seed=cfg.seed, calibration_images=calibration)
         stage_done("assemble", t0, calibration_images=len(calibration))
 
+    dense = cfg.dense_share > 0           # stage 1 then starts from the densely aligned projector
+    if dense and "dense" in cfg.stages:
+        from .dense import DenseAlignConfig, dense_align
+        t0 = time.perf_counter()
+        report = dense_align(DenseAlignConfig(**_options(cfg, "dense", model=str(out / "assembled"),
+                                                         output_dir=str(out / "dense"), seed=cfg.seed,
+                                                         minutes=cfg.minutes * cfg.dense_share,
+                                                         progress=cfg.progress)))
+        stage_done("dense", t0, steps=report["steps"], final_loss=report["final_loss"])
+
     from .trainer import TrainConfig, train
     if "align" in cfg.stages:
         t0 = time.perf_counter()
-        result = train(TrainConfig(**_options(cfg, "align", stage="align", model=str(out / "assembled"),
+        result = train(TrainConfig(**_options(cfg, "align", stage="align",
+                                   model=str(out / ("dense" if dense else "assembled")),
                                    data=str(data_dir / "llava_captions.json"),
                                    output_dir=str(out / "align"), batch_size=32, epochs=100.0, lr_projector=1e-3,
                                    group_by_length=True,
