@@ -26,6 +26,11 @@ Design decisions:
   to 59.1 %, and its wrong shapes are now other objects' shapes (100 of 104), not absent ones:
   what is left is the LM finding the object the question names.
 - The LM has as many key/value heads as query heads (3 at width 192).
+- Two options are off by default, measured no better overall in whole runs (README, 2026-11-29):
+  the cell head in the CLIP stage (`clip.label_cells`: where and reading went up, POPE and shape
+  down) and the dense word alignment of the projector before stage 1 (`--dense-share`, see
+  train/dense.py: it balances what the image tokens carry, yet colour questions that name their
+  object by its shape stay at chance among the scene's objects).
 - The projector is initialised from the first training images' feature statistics
   (`assemble.calibrate_projector`): without it the LM ignored the image entirely.
 - A share of the instruct questions carries LLaVA's short-answer instruction ("Answer the question
@@ -73,7 +78,7 @@ class RecipeConfig:
     # the CLIP stage (train/clip.py): dense scene labels under every patch, captions turned down
     clip_label_weight: float = 4.0
     clip_label_chars: bool = True
-    clip_label_cells: bool = True             # each object patch also names its grid cell (see train/clip.py)
+    clip_label_cells: bool = False            # each object patch also names its grid cell (measured: see README)
     clip_caption_weight: float = 0.2
     clip_region_weight: float = 0.0           # region-phrase contrast
     clip_batch: int = 64
