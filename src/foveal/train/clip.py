@@ -374,13 +374,7 @@ class CaptionBatcher:
         return out
 
     def _characters(self, scenes, centres: bool = False) -> list[tuple[list[int], str]]:
-        """(batch-wide patch indices, character) of every rendered character; see `_patches`."""
-        from ..data.render import text_boxes
-        grid = self.cfg.image_size // self.cfg.patch_size
-        return [([b * grid * grid + j for j in self._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid,
-                                                               grid, centres)], ch)
-                for b, scene in enumerate(scenes)                        # text boxes are end-exclusive
-                for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")]
+        return character_patches(scenes, self.cfg.image_size // self.cfg.patch_size, centres)
 
     @staticmethod
     def _patches(box, cell: float, grid: int, centres: bool = False) -> list[int]:
@@ -406,6 +400,16 @@ class CaptionBatcher:
             ids[i, :k] = torch.tensor(e.ids[:k])
             mask[i, :k] = True
         return ids, mask
+
+
+def character_patches(scenes, grid: int, centres: bool = False) -> list[tuple[list[int], str]]:
+    """(batch-wide patch indices, character) of every rendered character of the scenes, on a grid x
+    grid patch layout; see `CaptionBatcher._patches` for `centres`."""
+    from ..data.render import text_boxes
+    return [([b * grid * grid + j for j in CaptionBatcher._patches((x0, y0, x1 - 1, y1 - 1), scene.image_size / grid,
+                                                                    grid, centres)], ch)
+            for b, scene in enumerate(scenes)                            # text boxes are end-exclusive
+            for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or "")]
 
 
 def _mean_pool(rows: list[list[int]], width: int) -> torch.Tensor:

@@ -70,23 +70,18 @@ def patch_word_targets(scenes, encode, grid: int, cells: bool = True, chars: boo
     """(batch-wide patch indices, the token ids each should name) for every patch whose centre lies
     inside an object (its size, colour and shape words, and with `cells` its cell's words) or, with
     `chars`, inside a rendered character (that character). `encode(text) -> ids`."""
-    from ..data.render import text_boxes
-    from .clip import CaptionBatcher
+    from .clip import CaptionBatcher, character_patches
     rows, targets = [], []
-    P = grid * grid
     for b, scene in enumerate(scenes):
-        cell = scene.image_size / grid
         for o in scene.objects:
             words = [o.size, o.color, o.shape] + (o.cell.split() if cells else [])
             ids = [i for w in words for i in encode(" " + w)]
-            for j in CaptionBatcher._patches(o.bbox, cell, grid, centres=True):
-                rows.append(b * P + j)
+            for j in CaptionBatcher._patches(o.bbox, scene.image_size / grid, grid, centres=True):
+                rows.append(b * grid * grid + j)
                 targets.append(ids)
-        if chars:
-            for (x0, y0, x1, y1), ch in zip(text_boxes(scene), scene.text or ""):   # boxes are end-exclusive
-                for j in CaptionBatcher._patches((x0, y0, x1 - 1, y1 - 1), cell, grid, centres=True):
-                    rows.append(b * P + j)
-                    targets.append(encode(ch))
+    for idx, ch in character_patches(scenes, grid, centres=True) if chars else []:
+        rows += idx
+        targets += [encode(ch)] * len(idx)
     return rows, targets
 
 
