@@ -141,8 +141,11 @@ def class_token_last(model, pixels: torch.Tensor) -> torch.Tensor:
     return model.project(x[:, 1:])
 
 
-def foveal_embeddings_as_llama_cpp_lays_them(ours, llm, mmproj: Path) -> tuple[bool, torch.Tensor, torch.Tensor]:
-    """(llama.cpp has the class-token defect, foveal's embeddings in llama.cpp's layout, llama.cpp's)."""
+@pytest.fixture(scope="module")
+def layout(ours, exported) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(llama.cpp has the class-token defect, foveal's embeddings in llama.cpp's layout, llama.cpp's),
+    for the example image, once per export."""
+    llm, mmproj = exported
     image = Image.open(EXAMPLES / "shapes.png")
     theirs = llama_cpp_image_embeddings(llm, mmproj, image)
     pixels = preprocess_batch([image], ours.image_config)
@@ -152,9 +155,9 @@ def foveal_embeddings_as_llama_cpp_lays_them(ours, llm, mmproj: Path) -> tuple[b
     return has_defect, defect if has_defect else right, theirs
 
 
-def test_llama_cpps_clip_encodes_the_exported_mmproj_to_foveals_embeddings(ours, exported):
-    llm, mmproj = exported
-    has_defect, mine, theirs = foveal_embeddings_as_llama_cpp_lays_them(ours, llm, mmproj)
+def test_llama_cpps_clip_encodes_the_exported_mmproj_to_foveals_embeddings(ours, exported, layout):
+    _, mmproj = exported
+    has_defect, mine, theirs = layout
     assert theirs.shape == mine.shape == (ours.image_tokens_per_image, ours.config.text.hidden_size)
     # llama.cpp unfolds patches in f16 (im2col) even for an F32 file; measured 3e-4 of the scale (F32)
     tolerance = 3e-3 if "F32" in mmproj.name else 1e-2
@@ -164,13 +167,12 @@ def test_llama_cpps_clip_encodes_the_exported_mmproj_to_foveals_embeddings(ours,
                       "the exported mmproj matches foveal under that layout")
 
 
-def test_image_answers_through_llama_cpps_clip_equal_foveals(ours, exported, monkeypatch):
+def test_image_answers_through_llama_cpps_clip_equal_foveals(ours, exported, layout, monkeypatch):
     """The exported mmproj runs in llama.cpp's own vision code (mtmd/clip): same answers as foveal,
     foveal's engine given llama.cpp's class-token layout where llama.cpp has that defect."""
     import base64
     llm, mmproj = exported
-    has_defect, _, _ = foveal_embeddings_as_llama_cpp_lays_them(ours, llm, mmproj)
-    if has_defect:
+    if layout[0]:
         monkeypatch.setattr(ours.model, "encode_images", lambda pixels: class_token_last(ours.model, pixels))
     ours._image_cache.clear()
     chat = llama_cpp.Llama(model_path=llm.model_path, n_ctx=512, n_threads=2, n_gpu_layers=0, verbose=False,
