@@ -26,6 +26,7 @@ from . import config as C
 from .engine.constrain import json_constraint
 from .engine.generate import Chunk, Engine, GenerationResult, Stats
 from .engine.sampling import SamplingOptions
+from .engine.thinking import ThinkingSplitter
 from .errors import ConfigError, FovealError, ModelNotFoundError, PromptError
 from .models.placement import check_gpu_layers, device_of, place
 from .models.vlm import VisionLanguageModel
@@ -180,7 +181,8 @@ class VLM:
         return inputs, embeds, [(im.sha256, n) for im, n in zip(loaded, counts)]
 
     def stream(self, messages, *, cancel=None, format=None, **options):
-        """Yield `Chunk`s of text as soon as they decode; the last has done=True and stats.
+        """Yield `Chunk`s of text as soon as they decode; the last has done=True and stats. A model that
+        opens its output with a <think> tag has that thought in `chunk.thinking`, never in `chunk.text`.
         format: "json" (one JSON object) or a JSON schema dict, enforced by constrained decoding; with
         finish_reason "length" the text may be incomplete JSON."""
         opts = SamplingOptions.from_kwargs(**options)
@@ -189,16 +191,23 @@ class VLM:
         t0 = time.perf_counter()
         inputs, embeds, keys = self._prepare(messages, stats)
         stats.total_s = time.perf_counter() - t0
-        yield from self.engine.stream(inputs.input_ids, inputs.image_mask, embeds, keys, opts, stats, cancel,
-                                      constraint)
+        splitter = ThinkingSplitter()
+        for chunk in self.engine.stream(inputs.input_ids, inputs.image_mask, embeds, keys, opts, stats, cancel,
+                                        constraint):
+            chunk.thinking, chunk.text = splitter.push(chunk.text)
+            if chunk.done:
+                thinking, text = splitter.flush()
+                chunk.thinking, chunk.text = chunk.thinking + thinking, chunk.text + text
+            yield chunk
 
     def generate(self, messages, *, format=None, **options) -> GenerationResult:
-        text, ids, last = [], [], None
+        text, thinking, ids, last = [], [], [], None
         for chunk in self.stream(messages, format=format, **options):
             text.append(chunk.text)
+            thinking.append(chunk.thinking)
             ids += chunk.token_ids
             last = chunk
-        return GenerationResult("".join(text), ids, last.finish_reason, last.stats)
+        return GenerationResult("".join(text), ids, last.finish_reason, last.stats, "".join(thinking))
 
     def prompt_logits(self, messages) -> tuple[list[int], torch.Tensor]:
         """(prompt token ids, logits (T, V) at every position) for messages, without generating."""

@@ -85,6 +85,30 @@ def _format(value):
         raise FovealError(f"--format {value}: the schema file is not valid JSON: {e}") from None
 
 
+class ThoughtPrinter:
+    """A thinking model's thought (engine/thinking.py): kept for the chat history and, with --think, shown
+    on stderr as it streams, before the answer on stdout."""
+
+    def __init__(self, visible: bool):
+        self.visible, self.parts, self.open = visible, [], False
+
+    def show(self, chunk) -> None:
+        if chunk.thinking:
+            self.parts.append(chunk.thinking)
+            if self.visible:
+                if not self.open:
+                    print("Thinking...", file=sys.stderr)
+                    self.open = True
+                print(chunk.thinking, end="", file=sys.stderr, flush=True)
+        if self.open and (chunk.text or chunk.done):
+            print("\n...done thinking.\n", file=sys.stderr, flush=True)
+            self.open = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 def cmd_run(args) -> int:
     if len(args.words) == 1:
         model, prompt = None, args.words[0]
@@ -98,8 +122,9 @@ def cmd_run(args) -> int:
     content.append({"type": "text", "text": prompt})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": content}]
-    last = None
+    last, thinking = None, ThoughtPrinter(args.think)
     for chunk in vlm.stream(messages, format=schema, **sampling):
+        thinking.show(chunk)
         print(chunk.text, end="", flush=True)
         last = chunk
     print()
@@ -146,9 +171,10 @@ def cmd_chat(args) -> int:
             continue
         content = [{"type": "image", "image": p} for p in pending_images] + [{"type": "text", "text": line}]
         turn = history + [{"role": "user", "content": content}]
-        reply, last = [], None
+        reply, last, thinking = [], None, ThoughtPrinter(args.think)
         try:
             for chunk in vlm.stream(turn, **sampling):
+                thinking.show(chunk)
                 print(chunk.text, end="", flush=True)
                 reply.append(chunk.text)
                 last = chunk
@@ -158,7 +184,9 @@ def cmd_chat(args) -> int:
         print()
         if args.stats:
             _print_stats(last.stats)
-        history = turn + [{"role": "assistant", "content": [{"type": "text", "text": "".join(reply).strip()}]}]
+        from .engine.thinking import with_thought    # the next turn reads this one as the model wrote it
+        said = with_thought("".join(reply).strip(), thinking.text)
+        history = turn + [{"role": "assistant", "content": [{"type": "text", "text": said}]}]
         pending_images = []
     return 0
 
@@ -335,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--stats", action="store_true", help="print token counts and stage timings to stderr")
+    p.add_argument("--think", action="store_true", help="show a thinking model's thought on stderr")
     p.add_argument("--format", default=None, metavar="json|SCHEMA.json",
                    help="constrain the answer to JSON: 'json' for any object, or a JSON-schema file")
     _add_model_options(p)
@@ -345,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (/image PATH, /clear, /exit)")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--stats", action="store_true")
+    p.add_argument("--think", action="store_true", help="show a thinking model's thought on stderr")
     _add_model_options(p)
     _add_quant_option(p)
     _add_sampling_options(p)

@@ -66,6 +66,7 @@ class Chunk:
     done: bool = False
     finish_reason: str | None = None     # "stop" (EOS or stop string) | "length"
     stats: Stats | None = None
+    thinking: str = ""                   # the model's thought, kept out of text (engine/thinking.py)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     stats: Stats
+    thinking: str = ""
 
 
 class Engine:

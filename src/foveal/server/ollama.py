@@ -4,7 +4,9 @@ Follows Ollama's docs/api.md and what its official Python client parses: NDJSON 
 default, one object with `stream: false`, durations in nanoseconds, `message.role` on every chat
 object, `model_info` always present in /api/show. foveal adds per-stage timings to the final
 object: `preprocess_duration` (image decode + prompt), `vision_encode_duration` (ns), `image_count`, `image_token_count`,
-`prompt_cached_count`. `format` ("json" or a JSON schema) is enforced by constrained decoding
+`prompt_cached_count`. A model's thought (engine/thinking.py) goes to `thinking` / `message.thinking`, never
+to the answer; `think: false` leaves it out, and an assistant message's `thinking` is given back to the
+model in front of its content. `format` ("json" or a JSON schema) is enforced by constrained decoding
 (engine/constrain.py); with done_reason "length" the JSON may be incomplete, as in Ollama.
 """
 
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .. import __version__
+from ..engine.thinking import with_thought
 from ..engine.constrain import schema_of
 from ..errors import SamplingError
 from .config import parse_duration
@@ -54,11 +57,13 @@ class GenerateRequest(_Body):
     stream: StrictBool | None = True
     keep_alive: Duration | None = None
     context: list[StrictInt] | None = None
+    think: Union[StrictBool, StrictStr, None] = None
 
 
 class ChatMessage(_Body):
     role: StrictStr
     content: StrictStr | None = ""
+    thinking: StrictStr | None = None
     images: list[StrictStr] | None = None
     tool_calls: list[Any] | None = None
 
@@ -71,6 +76,7 @@ class ChatRequest(_Body):
     options: dict[str, Any] | None = None
     stream: StrictBool | None = True
     keep_alive: Duration | None = None
+    think: Union[StrictBool, StrictStr, None] = None
 
 
 class ShowRequest(_Body):
@@ -121,6 +127,20 @@ def output_format(value):
     except SamplingError as e:
         raise APIError(400, str(e), "invalid_request_error", param="format") from None
     return value
+
+
+THINK_LEVELS = ("low", "medium", "high")
+
+
+def show_thinking(value) -> bool:
+    """`think`: true, "low" / "medium" / "high" (as true) or null return the model's thought in `thinking`;
+    false leaves it out. A thought never reaches `response` / `message.content` either way."""
+    if value is None or isinstance(value, bool):
+        return value is not False
+    if value in THINK_LEVELS:
+        return True
+    raise APIError(400, f"think must be true, false or one of {', '.join(THINK_LEVELS)}, got {value!r}",
+                   "invalid_request_error", param="think")
 
 
 def refuse_unsupported(body, what: str) -> None:
@@ -217,15 +237,19 @@ async def _load_only(st, entry, keep, chat: bool, load_s: float):
 
 
 async def _respond(request, st, entry, keep, messages, opts, chat: bool, stream: bool, load_s: float,
-                   t_request: float):
+                   t_request: float, think: bool):
     gen, first = await start_generation(request, entry, messages, opts)
 
-    def piece(text: str) -> dict:
+    def piece(text: str, thinking: str) -> dict:
         base = {"model": entry.name, "created_at": rfc3339_now()}
         if chat:
             base["message"] = {"role": "assistant", "content": text}
+            if think and thinking:
+                base["message"]["thinking"] = thinking
         else:
             base["response"] = text
+            if think and thinking:
+                base["thinking"] = thinking
         return base
 
     async def finish_keep_alive():
@@ -235,7 +259,7 @@ async def _respond(request, st, entry, keep, messages, opts, chat: bool, stream:
     if not stream:
         chunks = [first] + await gen.collect(request) if first is not None else []
         last = chunks[-1]
-        body = piece("".join(c.text for c in chunks))
+        body = piece("".join(c.text for c in chunks), "".join(c.thinking for c in chunks))
         body.update(final_fields(last.stats, last.finish_reason, load_s, t_request))
         await finish_keep_alive()
         return JSONResponse(body)
@@ -245,7 +269,10 @@ async def _respond(request, st, entry, keep, messages, opts, chat: bool, stream:
             chunk = first
             later = rest_of(gen, request)
             while chunk is not None:
-                obj = piece(chunk.text)
+                if not (chunk.done or chunk.text or (think and chunk.thinking)):
+                    chunk = await later.__anext__()     # nothing to send yet (a thought the client did not ask for)
+                    continue
+                obj = piece(chunk.text, chunk.thinking)
                 if chunk.done:
                     obj.update(final_fields(chunk.stats, chunk.finish_reason, load_s, t_request))
                 else:
@@ -327,6 +354,7 @@ async def show(request: Request, body: ShowRequest):
 async def generate(request: Request, body: GenerateRequest):
     t_request = time.perf_counter()
     refuse_unsupported(body, "generate")
+    think = show_thinking(body.think)
     fmt = output_format(body.format)
     st = state_of(request)
     entry = st.registry.get(body.model)
@@ -342,13 +370,14 @@ async def generate(request: Request, body: GenerateRequest):
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                [{"role": "user", "content": body.prompt or "", "images": images}]
     return await _respond(request, st, entry, keep, messages, opts, False, body.stream is not False, load_s,
-                          t_request)
+                          t_request, think)
 
 
 @router.post("/api/chat")
 async def chat(request: Request, body: ChatRequest):
     t_request = time.perf_counter()
     refuse_unsupported(body, "chat")
+    think = show_thinking(body.think)
     fmt = output_format(body.format)
     st = state_of(request)
     entry = st.registry.get(body.model)
@@ -357,7 +386,7 @@ async def chat(request: Request, body: ChatRequest):
         raise APIError(400, f"too many messages: at most {st.config.max_messages}", param="messages")
     counter, messages = [0], []
     for i, m in enumerate(body.messages or []):
-        messages.append({"role": m.role, "content": m.content or "",
+        messages.append({"role": m.role, "content": with_thought(m.content or "", m.thinking),
                          "images": images_of(m.images, f"messages[{i}].images", st, counter)})
     load_s = await st.registry.ensure_loaded(entry)
     st.registry.keep_alive(entry, keep)
@@ -365,4 +394,4 @@ async def chat(request: Request, body: ChatRequest):
         return await _load_only(st, entry, keep, True, load_s)
     opts = sampling_options(body.options, entry.vlm.context_length, fmt)
     return await _respond(request, st, entry, keep, messages, opts, True, body.stream is not False, load_s,
-                          t_request)
+                          t_request, think)

@@ -5,7 +5,10 @@ SSE streaming (`data: {...}` events ending in `data: [DONE]`), `usage` and
 `stream_options.include_usage`, errors as `{"error": {"message", "type", "param", "code"}}`.
 `response_format` json_object / json_schema is enforced by constrained decoding (engine/constrain.py);
 with finish_reason "length" the JSON may be incomplete, as with OpenAI.
-Adds llama-server's `timings` object (ms and tokens per second per stage).
+Adds llama-server's `timings` object (ms and tokens per second per stage). A model's thought
+(engine/thinking.py) goes to `message.reasoning_content` / `delta.reasoning_content`, as vLLM and
+DeepSeek's API send it, never to `content`; an assistant message's `reasoning_content` is given back to
+the model in front of its content.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .. import __version__
+from ..engine.thinking import with_thought
 from .common import rest_of, start_generation, state_of, validate_options
 from .errors import APIError, as_api_error, error_line
 from .images import resolve_image_url
@@ -131,8 +135,11 @@ async def convert_messages(raw: list, state) -> list[dict]:
             if role != "assistant":
                 raise _bad(f"{where}.content is required", "messages")
             content = ""
+        thought = m.get("reasoning_content") if role == "assistant" else None
+        if thought is not None and not isinstance(thought, str):
+            raise _bad(f"{where}.reasoning_content must be a string", "messages")
         if isinstance(content, str):
-            out.append({"role": ROLES[role], "content": content})
+            out.append({"role": ROLES[role], "content": with_thought(content, thought)})
             continue
         if not isinstance(content, list):
             raise _bad(f"{where}.content must be a string or a list of content parts", "messages")
@@ -218,8 +225,11 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     if not body.stream:
         chunks = [first] + await gen.collect(request)
         last = chunks[-1]
+        message = {"role": "assistant", "content": "".join(c.text for c in chunks)}
+        if thinking := "".join(c.thinking for c in chunks):
+            message["reasoning_content"] = thinking
         return JSONResponse({**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+            "index": 0, "message": message,
             "logprobs": None, "finish_reason": _finish(last.finish_reason)}],
             "usage": usage(last.stats), "timings": timings(last.stats)})
 
@@ -234,6 +244,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
             chunk = first
             later = rest_of(gen, request)
             while chunk is not None:
+                if chunk.thinking:
+                    yield event([{"index": 0, "delta": {"reasoning_content": chunk.thinking}, "logprobs": None,
+                                  "finish_reason": None}])
                 if chunk.text:
                     yield event([{"index": 0, "delta": {"content": chunk.text}, "logprobs": None,
                                   "finish_reason": None}])
