@@ -33,7 +33,7 @@ from foveal.data import (
     world_words,
     write_dataset,
 )
-from foveal.data.language import POPULAR_TOP_K
+from foveal.data.language import POPULAR_TOP_K, TEMPLATES
 from foveal.data.render import FONT_5X7, glyph_mask
 from foveal.data.world import BACKGROUND, CELL_NAMES, SHAPE_PLURALS, TEXT_ALPHABET, TEXT_COLOR
 from foveal.errors import ConfigError, FovealError
@@ -450,3 +450,26 @@ def test_bad_options_raise_a_clear_config_error(call, message):
     with pytest.raises(ConfigError, match=message) as info:
         call()
     assert isinstance(info.value, (FovealError, ValueError))
+
+
+def test_thinking_instruct_records_open_with_the_scene_description(tmp_path):
+    from foveal.engine.thinking import split_thinking
+    exs = list(generate(30, seed=4))
+    plain = json.loads(export_llava(exs, tmp_path / "plain", kind="instruct", write_images=False).read_text())
+    think = json.loads(export_llava(exs, tmp_path / "think", kind="instruct", write_images=False,
+                                    think=True).read_text())
+    describing = 0
+    for p, t, ex in zip(plain, think, exs):
+        first_question = t["conversations"][0]["value"].removeprefix("<image>\n")
+        thought, answer = split_thinking(t["conversations"][1]["value"])
+        assert answer == p["conversations"][1]["value"]           # the same answer, after the thought
+        if first_question in TEMPLATES["describe"]:
+            describing += 1
+            assert thought == ""                                 # the description is the answer itself
+        else:
+            assert thought == canonical_caption(ex.scene)
+        assert t["conversations"][2:] == p["conversations"][2:]   # later turns read it in context
+    assert 0 < describing < len(exs)
+    captions = json.loads(export_llava(exs, tmp_path / "cap", kind="captions", write_images=False,
+                                       think=True).read_text())
+    assert not any("<think>" in turn["value"] for r in captions for turn in r["conversations"])

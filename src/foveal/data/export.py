@@ -22,9 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from foveal.data.dataset import Example, generate, text_corpus
-from foveal.data.language import TEMPLATES
+from foveal.data.language import TEMPLATES, canonical_caption
 from foveal.data.render import png_bytes
 from foveal.data.world import STREAM_EXPORT, WorldConfig, check_count, check_seed, stream_rng
+from foveal.engine.thinking import with_thought
 from foveal.errors import ConfigError
 
 IMAGE_DIR = "images"
@@ -55,8 +56,11 @@ def save_image(ex: Example, out_dir: Path) -> None:
 
 # -- one record per example ----------------------------------------------------------------
 
-def llava_record(ex: Example, kind: str = "instruct", turns: int | None = None, caption_style: str = "mixed") -> dict:
-    """One LLaVA conversation: a caption (stage 1) or several Q/A turns (stage 2)."""
+def llava_record(ex: Example, kind: str = "instruct", turns: int | None = None, caption_style: str = "mixed",
+                 think: bool = False) -> dict:
+    """One LLaVA conversation: a caption (stage 1) or several Q/A turns (stage 2). think: the first answer
+    opens with a thought, the scene's canonical description between <think> tags (none when the question
+    asks for that description), and later turns answer with it in context."""
     rng = stream_rng(ex.scene.seed, ex.scene.index, STREAM_EXPORT)
     if kind == "captions":
         caption = ex.captions[0] if caption_style == "canonical" else rng.choice(ex.captions)
@@ -68,6 +72,8 @@ def llava_record(ex: Example, kind: str = "instruct", turns: int | None = None, 
         pairs = pairs[:turns]
     conversations = []
     for i, (question, answer) in enumerate(pairs):
+        if think and kind == "instruct" and i == 0 and question not in TEMPLATES["describe"]:
+            answer = with_thought(answer, canonical_caption(ex.scene))
         conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
         conversations.append({"from": "gpt", "value": answer})
     return {"id": ex.id, "image": image_path(ex), "conversations": conversations}
@@ -157,6 +163,7 @@ def export_llava(
     caption_style: str = "mixed",
     filename: str | None = None,
     write_images: bool = True,
+    think: bool = False,
 ) -> Path:
     """LLaVA conversation JSON plus images/. kind="captions": one caption per image (stage
     1 alignment); kind="instruct": up to `turns` Q/A turns per image (stage 2)."""
@@ -164,7 +171,7 @@ def export_llava(
     out_dir = _prepare(out_dir)
     writer = _JsonList(out_dir / (filename or FILENAMES[kind]))
     for ex in examples:
-        writer.add(llava_record(ex, kind, turns, caption_style))
+        writer.add(llava_record(ex, kind, turns, caption_style, think))
         if write_images:
             save_image(ex, out_dir)
     return writer.close()
@@ -208,6 +215,7 @@ def write_dataset(
     start: int = 0,
     turns: int | None = None,
     caption_style: str = "mixed",
+    think: bool = False,
 ) -> dict[str, Path]:
     """Generate n examples once and write every format in `formats` (plus a manifest
     `dataset.json` recording how to regenerate them). Returns {file role: path}."""
@@ -236,7 +244,7 @@ def write_dataset(
     pope_id = 0
     for ex in generate(n, seed, config, start, images=bool(formats)):
         for kind, writer in llava.items():
-            writer.add(llava_record(ex, kind, turns, caption_style))
+            writer.add(llava_record(ex, kind, turns, caption_style, think))
         if "vqa" in formats:
             for question, annotation in vqa_records(ex):
                 vqa_q.add(question)
@@ -255,7 +263,7 @@ def write_dataset(
         written["pope"] = out_dir / FILENAMES["pope"]
 
     manifest = {"generator": "foveal.data", "seed": seed, "start": start, "n": n,
-                "config": asdict(config), "turns": turns, "caption_style": caption_style,
+                "config": asdict(config), "turns": turns, "caption_style": caption_style, "think": think,
                 "files": {k: p.name for k, p in written.items()}}
     (out_dir / FILENAMES["manifest"]).write_text(json.dumps(manifest, indent=2) + "\n")
     written["manifest"] = out_dir / FILENAMES["manifest"]
