@@ -134,6 +134,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from .engine.thinking import with_thought
     sampling = _sampling(args)
     vlm = _load(args, args.model)
     history, pending_images = [], []
@@ -184,8 +185,7 @@ def cmd_chat(args) -> int:
         print()
         if args.stats:
             _print_stats(last.stats)
-        from .engine.thinking import with_thought    # the next turn reads this one as the model wrote it
-        said = with_thought("".join(reply).strip(), thinking.text)
+        said = with_thought("".join(reply).strip(), thinking.text)   # the next turn reads it as it was written
         history = turn + [{"role": "assistant", "content": [{"type": "text", "text": said}]}]
         pending_images = []
     return 0

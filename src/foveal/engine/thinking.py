@@ -3,8 +3,8 @@
 Design decisions:
 - A model thinks when its output opens with THINK_OPEN (after optional whitespace): what comes
   before THINK_CLOSE is thinking, what follows (leading whitespace dropped) is the answer. These are
-  the tags DeepSeek-R1, Qwen3 and foveal's bundled model write, and what Ollama's thinking parser
-  reads.
+  the tags DeepSeek-R1, Qwen3 and foveal's `--think` training data write, and what Ollama's thinking
+  parser reads.
 - Output that does not open with the tag is all answer, so a model that never thinks is unaffected,
   and a tag later in an answer is left alone.
 - Streamed text is held back only while it could still be the beginning of a tag.
@@ -59,7 +59,7 @@ class ThinkingSplitter:
 
     def flush(self) -> tuple[str, str]:
         rest, self.buffer = self.buffer, ""
-        return (rest, "") if self.state == "thinking" else ("", rest if self.state != "after" else "")
+        return (rest, "") if self.state == "thinking" else ("", rest)     # "after" holds nothing back
 
 
 def split_thinking(text: str) -> tuple[str, str]:

@@ -68,4 +68,3 @@ async def rest_of(gen: Generation, request):
 
 __all__ = ["ServerState", "state_of", "rfc3339_now", "validate_options", "start_generation", "rest_of",
            "ClientDisconnected"]
-

@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .. import __version__
-from ..engine.thinking import with_thought
 from ..engine.constrain import schema_of
+from ..engine.thinking import with_thought
 from ..errors import SamplingError
 from .config import parse_duration
 from .common import rest_of, rfc3339_now, start_generation, state_of, validate_options
