@@ -105,6 +105,11 @@ def test_openai_reasoning_content(scripted):
         {"role": "user", "content": "And its shape?"}])
     assert prompts[-1][1]["content"] in ("<think>a red circle</think>red",
                                          [{"type": "text", "text": "<think>a red circle</think>red"}])
+    client.chat.completions.create(model=MODEL, messages=msgs + [
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}], "reasoning_content": "a red circle"},
+        {"role": "user", "content": "And its shape?"}])
+    assert prompts[-1][1]["content"] == [{"type": "text", "text": "<think>a red circle</think>"},
+                                         {"type": "text", "text": "red"}]
     bad = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": [
         {"role": "assistant", "content": "red", "reasoning_content": 3}, {"role": "user", "content": "hi"}]})
     assert bad.status_code == 400 and "messages[0].reasoning_content must be a string" in bad.text

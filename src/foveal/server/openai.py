@@ -166,6 +166,8 @@ async def convert_messages(raw: list, state) -> list[dict]:
                 parts.append({"type": "image", "image": image})
             else:
                 raise _bad(f"{pw}.type must be 'text' or 'image_url', got {_short(kind)}", "messages")
+        if thought:
+            parts.insert(0, {"type": "text", "text": with_thought("", thought)})
         out.append({"role": ROLES[role], "content": parts})
     return out
 
