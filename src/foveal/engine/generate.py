@@ -24,6 +24,7 @@ import torch
 from ..errors import ContextLengthError
 from ..processing.prompt import StreamDecoder, Tokenizer
 from .sampling import Sampler, SamplingOptions
+from .thinking import partial_tail
 
 CACHE_BLOCK = 256
 
@@ -179,7 +180,7 @@ class Engine:
                         text = text[:cut]
                         finish = "stop"
                         break
-                safe = len(text) - _stop_prefix_len(text, opts.stop) if opts.stop else len(text)
+                safe = len(text) - partial_tail(text, opts.stop) if opts.stop else len(text)
                 if safe > sent:
                     yield Chunk(text[sent:safe], pending)
                     sent, pending = safe, []
@@ -229,12 +230,3 @@ def _find_stop(text: str, stops: list[str], start: int) -> int | None:
     return best
 
 
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that is a proper prefix of some stop string."""
-    longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest

@@ -16,12 +16,16 @@ from __future__ import annotations
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def _partial_tail(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
+def partial_tail(text: str, tags) -> int:
+    """Length of the longest end of `text` that is a proper beginning of one of `tags`: text to hold
+    back while streaming (a tag here, a stop string in engine/generate.py)."""
+    longest = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(text)), longest, -1):
+            if text.endswith(tag[:n]):
+                longest = n
+                break
+    return longest
 
 
 class ThinkingSplitter:
@@ -45,7 +49,7 @@ class ThinkingSplitter:
         if self.state == "thinking":
             end = self.buffer.find(THINK_CLOSE)
             if end < 0:
-                keep = _partial_tail(self.buffer, THINK_CLOSE)
+                keep = partial_tail(self.buffer, (THINK_CLOSE,))
                 thinking, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
                 return thinking, ""
             thinking, self.buffer, self.state = self.buffer[:end], self.buffer[end + len(THINK_CLOSE):], "after"
