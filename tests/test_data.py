@@ -28,6 +28,7 @@ from foveal.data import (
     make_scene,
     object_prior,
     png_bytes,
+    scene_documents,
     text_boxes,
     text_corpus,
     world_words,
@@ -421,11 +422,31 @@ def test_write_dataset_writes_every_format_once_and_a_manifest(tmp_path):
         assert {f"{q.question} {q.answer}" for q in ex.questions} <= corpus
 
 
+def test_scene_documents_keep_each_question_with_the_captions_that_answer_it(tmp_path):
+    docs = list(scene_documents(20, seed=4))
+    assert docs == list(scene_documents(20, seed=4))                          # deterministic
+    for doc, ex in zip(docs, generate(20, seed=4, images=False)):
+        lines = doc.split("\n")
+        assert lines[:3] == ex.captions                                         # the captions come first
+        assert any(lines[3] == f"{p} {ex.captions[0]}" for p in TEMPLATES["caption_prompt"])
+        pairs = {f"{q.question} {q.answer}" for q in ex.questions}
+        assert sorted(lines[4:]) == sorted(pairs)                               # every question once
+    orders = {tuple(d.split("\n")[4:7]) for d in docs}
+    assert len(orders) == 20                                                    # shuffled, not grouped by type
+    written = write_dataset(tmp_path, 20, seed=4, formats=("documents",))
+    assert [json.loads(line)["text"] for line in written["documents"].read_text().splitlines()] == docs
+    assert not (tmp_path / "images").exists()                                   # text only: no pictures
+
+
 def test_command_line_writes_a_dataset(tmp_path, capsys):
     from foveal.data.__main__ import main
 
     assert main([str(tmp_path), "--n", "3", "--seed", "1", "--formats", "pope"]) == 0
     assert (tmp_path / "pope.jsonl").exists() and len(list((tmp_path / "images").iterdir())) == 3
+    assert main([str(tmp_path / "think"), "--n", "3", "--formats", "instruct", "documents", "--think"]) == 0
+    records = json.loads((tmp_path / "think" / "llava_instruct.json").read_text())
+    assert any(r["conversations"][1]["value"].startswith("<think>") for r in records)
+    assert (tmp_path / "think" / "corpus.jsonl").read_text().count("\n") == 3
     assert main([str(tmp_path), "--n", "3", "--image-size", "16"]) == 2
     assert "image_size" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ Also runnable: `python -m foveal.data OUT_DIR --n 1000 --seed 0`. See world.py f
 world's rules, language.py for the question types, export.py for the file formats.
 """
 
-from foveal.data.dataset import Example, generate, text_corpus
+from foveal.data.dataset import Example, generate, scene_documents, text_corpus
 from foveal.data.export import (
     export_llava,
     export_pope,
@@ -40,5 +40,5 @@ __all__ = [
     "Example", "Question", "Scene", "ShapeObject", "WorldConfig",
     "canonical_caption", "captions", "export_llava", "export_pope", "export_vqa", "generate",
     "llava_record", "make_questions", "make_scene", "object_prior", "png_bytes", "pope_records",
-    "render", "text_boxes", "text_corpus", "vqa_records", "world_words", "write_dataset",
+    "render", "scene_documents", "text_boxes", "text_corpus", "vqa_records", "world_words", "write_dataset",
 ]

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", default=list(DEFAULT_FORMATS), help=f"of {', '.join(FORMATS)}")
     p.add_argument("--turns", type=int, default=None, help="Q/A turns per LLaVA instruct record (all)")
     p.add_argument("--caption-style", default="mixed", choices=("canonical", "mixed"))
+    p.add_argument("--think", action="store_true",
+                   help="the first answer of each instruct record opens with the scene's description "
+                        "as a <think> thought")
     return p
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         t0 = time.perf_counter()
         written = write_dataset(args.out_dir, args.n, args.seed, config, args.formats, args.start,
-                                args.turns, args.caption_style)
+                                args.turns, args.caption_style, args.think)
     except FovealError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

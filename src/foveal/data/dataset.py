@@ -5,7 +5,7 @@ Design decisions:
   exporter writes each image as it comes.
 - Example i depends only on (seed, start + i): a slice of a dataset can be regenerated, or
   generated in parallel workers, without producing the rest.
-- The text corpus needs no pixels, so it skips rendering.
+- The text corpus and the scene documents need no pixels, so they skip rendering.
 """
 
 from __future__ import annotations
@@ -64,3 +64,18 @@ def text_corpus(n: int, seed: int = 0, config: WorldConfig | None = None, start:
         yield f"{rng.choice(TEMPLATES['caption_prompt'])} {ex.captions[0]}"
         for q in ex.questions:
             yield f"{q.question} {q.answer}"
+
+
+def scene_documents(n: int, seed: int = 0, config: WorldConfig | None = None, start: int = 0) -> Iterator[str]:
+    """One document per scene for LM pretraining, its lines joined by newlines: the scene's captions, the
+    caption prompt with its answer, then every question with its answer in a shuffled order.
+
+    Each question then sits in the context of the captions that answer it, so the LM learns to look an
+    object up in its context (what stage 2 needs it to do among image tokens). Separate lines packed
+    into blocks (`text_corpus`) cut a caption off from its questions, and a short LM stage on them does
+    not learn the lookup (measured, README: "Thinking first, and what the LM cannot do")."""
+    for ex in generate(n, seed, config, start, images=False):
+        rng = stream_rng(seed, ex.scene.index, STREAM_EXPORT)
+        pairs = list(dict.fromkeys(f"{q.question} {q.answer}" for q in ex.questions))
+        rng.shuffle(pairs)
+        yield "\n".join([*ex.captions, f"{rng.choice(TEMPLATES['caption_prompt'])} {ex.captions[0]}", *pairs])

@@ -9,6 +9,9 @@ Design decisions:
   v2_mscoco annotations, POPE's coco_pope_*.json lines). Extra fields that help a reader
   without breaking the original tools are added: VQA questions carry "image", VQA
   annotations carry "category".
+- The LM's text comes two ways: `corpus.txt`, one sentence a line, and `corpus.jsonl`, one scene
+  document a line as `{"text": ...}` (the JSON-lines layout of pretraining corpora), whose text
+  spans several lines.
 - VQAv2 question ids follow VQAv2's own scheme, image_id * 1000 + k.
 - The same arguments give byte-identical files: JSON key order is fixed and PNGs are written
   with fixed settings and no metadata.
@@ -21,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
-from foveal.data.dataset import Example, generate, text_corpus
+from foveal.data.dataset import Example, generate, scene_documents, text_corpus
 from foveal.data.language import TEMPLATES, canonical_caption
 from foveal.data.render import png_bytes
 from foveal.data.world import STREAM_EXPORT, WorldConfig, check_count, check_seed, stream_rng
@@ -31,7 +34,8 @@ from foveal.errors import ConfigError
 IMAGE_DIR = "images"
 LLAVA_KINDS = ("captions", "instruct")
 CAPTION_STYLES = ("canonical", "mixed")
-FORMATS = ("captions", "instruct", "vqa", "pope", "corpus")
+FORMATS = ("captions", "instruct", "vqa", "pope", "corpus", "documents")
+TEXT_FORMATS = ("corpus", "documents")              # text only: no images
 DEFAULT_FORMATS = ("captions", "instruct", "vqa", "pope")
 FILENAMES = {
     "captions": "llava_captions.json",
@@ -40,6 +44,7 @@ FILENAMES = {
     "vqa_annotations": "vqa_annotations.json",
     "pope": "pope.jsonl",
     "corpus": "corpus.txt",
+    "documents": "corpus.jsonl",
     "manifest": "dataset.json",
 }
 
@@ -226,7 +231,7 @@ def write_dataset(
         raise ConfigError(f"unknown format(s) {unknown or '(none given)'}; choose from {', '.join(FORMATS)}")
     n, seed, start = check_count(n), check_seed(seed), check_seed(start, "start")
     _check(turns=turns, caption_style=caption_style)
-    out_dir = _prepare(out_dir, images=any(f != "corpus" for f in formats))
+    out_dir = _prepare(out_dir, images=any(f not in TEXT_FORMATS for f in formats))
 
     written: dict[str, Path] = {}
     if "corpus" in formats:
@@ -234,7 +239,12 @@ def write_dataset(
             for line in text_corpus(n, seed, config, start):
                 f.write(line + "\n")
         written["corpus"] = out_dir / FILENAMES["corpus"]
-    formats = tuple(f for f in formats if f != "corpus")
+    if "documents" in formats:
+        with open(out_dir / FILENAMES["documents"], "w", encoding="utf-8") as f:
+            for doc in scene_documents(n, seed, config, start):
+                f.write(json.dumps({"text": doc}) + "\n")
+        written["documents"] = out_dir / FILENAMES["documents"]
+    formats = tuple(f for f in formats if f not in TEXT_FORMATS)
 
     llava = {k: _JsonList(out_dir / FILENAMES[k]) for k in LLAVA_KINDS if k in formats}
     if "vqa" in formats:
