@@ -8,6 +8,7 @@ checkpoint answers the same in foveal and transformers; bad data fails with the 
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -486,3 +487,46 @@ def test_template_without_generation_blocks_labels_each_assistant_turn(world, tm
     answers = [m["content"][-1]["text"] for m in record.messages if m["role"] == "assistant"]
     labelled = vlm.tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX], skip_special_tokens=False)
     assert labelled == "".join(f"{a}<|im_end|>\n" for a in answers)     # the answer, its end, the newline
+
+
+def test_train_lm_reads_scene_documents_as_whole_blocks(tmp_path):
+    from foveal.train.lm import IGNORE, pack, read_corpus, train_tokenizer
+    written = write_dataset(tmp_path / "data", 12, seed=3, formats=("documents",))
+    docs = read_corpus(written["documents"])
+    assert len(docs) == 12 and all(len(d.splitlines()) > 5 for d in docs)      # newlines kept inside a document
+    tokenizer = train_tokenizer(docs, 400)
+    blocks = pack(docs, tokenizer, 640, whole_documents=True)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tokenizer)
+    lengths = [len(e.ids) + 1 for e in tok.encode_batch(docs)]                # + </s>
+    assert all(n <= 641 for n in lengths) and len(blocks) < len(docs)       # some blocks hold two
+    kept = []
+    for block in blocks.tolist():
+        assert block[0] == tok.token_to_id("<s>")                               # a block starts at a document
+        body = [t for t in block if t != IGNORE]
+        assert block[len(body):] == [IGNORE] * (len(block) - len(body))          # padding only at the end
+        kept.append(tok.decode(body, skip_special_tokens=False))
+    text = "".join(kept)
+    assert all(text.count(d) == 1 for d in docs)                              # each document whole, once
+    cut = pack(docs, tokenizer, 64, whole_documents=True)                     # longer than a block: cut
+    assert len(cut) == len(docs) and (cut != IGNORE).all() and (cut[:, 0] == tok.token_to_id("<s>")).all()
+    out = tmp_path / "lm"
+    assert cli_main(["train", "lm", str(written["documents"]), "-o", str(out), "--max-steps", "6", "--seq-len", "320",
+                     "--whole-documents", "--batch-size", "4", "--vocab-size", "400", "--layers", "1",
+                     "--precision", "fp32", "--no-progress"]) == 0
+    log = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all(math.isfinite(x) for x in log) and log[-1] < log[0]
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"text": "a red circle"}\nnot json\n', "line 2 is not JSON"),
+    (b'{"text": "a red circle"}\n{"body": "x"}\n', 'line 2: expected an object with a "text" string'),
+    (b'["a red circle"]\n', 'line 1: expected an object with a "text" string'),
+    (b'{"text": "  "}\n\n', "has no text"),
+    (b'\xff\xfe{"text": 1}', "is not UTF-8"),
+])
+def test_a_bad_jsonl_corpus_is_refused_by_line(tmp_path, content, problem, capsys):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(content)
+    assert cli_main(["train", "lm", str(path), "-o", str(tmp_path / "lm"), "--max-steps", "1"]) == 1
+    assert problem in capsys.readouterr().err and not (tmp_path / "lm").exists()

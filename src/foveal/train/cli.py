@@ -80,8 +80,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr-vision", type=float, default=2e-6)
 
     p = tsub.add_parser("lm", help="train a BPE tokenizer and pretrain a small decoder LM on a text corpus")
-    p.add_argument("corpus", help="text file, one document per line (e.g. `python -m foveal.data OUT "
-                                  "--formats corpus`)")
+    p.add_argument("corpus", help="text file, one document per line, or JSON lines of {\"text\": ...} documents "
+                                  "(`python -m foveal.data OUT --formats corpus` or `--formats documents`)")
     p.add_argument("-o", "--output", required=True, help="output folder (HF LlamaForCausalLM checkpoint)")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
     p.add_argument("--vocab-size", type=int, default=512)
@@ -91,6 +91,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--whole-documents", action="store_true",
+                   help="each block holds whole documents, padded, instead of a cut of one packed stream")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None)
@@ -236,7 +238,8 @@ def cmd_lm(args) -> int:
                       intermediate_size=args.intermediate_size, num_layers=args.layers, num_heads=args.heads,
                       num_kv_heads=args.kv_heads, seq_len=args.seq_len, batch_size=args.batch_size,
                       epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, precision=args.precision,
-                      seed=args.seed, progress=not args.no_progress, minutes=args.minutes))
+                      seed=args.seed, progress=not args.no_progress, minutes=args.minutes,
+                      whole_documents=args.whole_documents))
     return 0
 
 

@@ -4,7 +4,9 @@ Design decisions:
 - The tokenizer is byte-level BPE trained with the `tokenizers` library, so any text encodes;
   special tokens `<unk> <s> </s> <pad> <image>` take ids 0-4 (the layout of the bundled
   model, whose chat template comes with it), and `<s>` is added in front of every encoding.
-- Documents (one per line) are wrapped as `<s> text </s>` and packed into fixed-length blocks:
+- The corpus is plain text, one document a line, or JSON lines (`.jsonl`), one `{"text": ...}`
+  document a line whose text may span several lines (the scene documents of `foveal.data`).
+- Documents are wrapped as `<s> text </s>` and packed into fixed-length blocks:
   no padding, every token is a target.
 - The result is an HF-format `LlamaForCausalLM` folder (config.json, safetensors, tokenizer,
   chat template) that loads in foveal and transformers and is the LM a VLM is assembled from.
@@ -52,6 +54,7 @@ class LMConfig:
     precision: str = "auto"
     seed: int = 0
     tokenizer: str | None = None         # an existing tokenizer.json to reuse instead of training one
+    whole_documents: bool = False        # blocks of whole documents, padded, instead of one packed stream
     minutes: float | None = None         # time budget: the schedule decays by time too and ends with it
     progress: bool = True
 
@@ -65,10 +68,27 @@ class LMConfig:
 
 
 def read_corpus(path: Path) -> list[str]:
+    """The corpus's documents: one a line, or from a `.jsonl` file each line's "text"."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"corpus file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"corpus file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(lines, 1):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path} line {number} is not JSON: {e.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DatasetError(f'{path} line {number}: expected an object with a "text" string')
+            docs.append(record["text"].strip())
+        lines = docs
     lines = [line for line in lines if line]
     if not lines:
         raise DatasetError(f"corpus file {path} has no text")
@@ -86,7 +106,8 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> str:
     # not in the corpus: without these lines BPE leaves them as ~15 single-byte tokens per turn. So is,
     # in a share of the questions, LLaVA's short-answer instruction: left out, it cost ~30 byte tokens
     # each time, a quarter of every instruct sequence.
-    sample = lines[:: max(1, len(lines) // 10000)]
+    sentences = [s for doc in lines[:: max(1, len(lines) // 10000)] for s in doc.splitlines() if s.strip()]
+    sample = sentences[:: max(1, len(sentences) // 10000)]
     instruction = "\n" + SHORT_ANSWER
     roles = [f"USER: {line}{instruction if i % 2 else ''} ASSISTANT: {line}" for i, line in enumerate(sample)]
     tok.train_from_iterator(list(lines) + roles, trainer)
@@ -94,14 +115,29 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> str:
     return tok.to_str()
 
 
-def pack(lines: list[str], tokenizer_json: str, seq_len: int) -> torch.Tensor:
-    """Documents -> (N, seq_len + 1) blocks of `<s> doc </s> <s> doc </s> ...`."""
+IGNORE = -100                        # a target the loss skips: the padding of whole-document blocks
+
+
+def pack(lines: list[str], tokenizer_json: str, seq_len: int, whole_documents: bool = False) -> torch.Tensor:
+    """Documents -> (N, seq_len + 1) blocks of `<s> doc </s> <s> doc </s> ...`.
+
+    whole_documents: every block starts at a document and holds only whole ones, the rest padded
+    with IGNORE (a document longer than a block is cut). A question then never loses the captions
+    before it to a block boundary, at the cost of the padding."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_str(tokenizer_json)
     eos = tok.token_to_id("</s>")
-    stream: list[int] = []
-    for enc in tok.encode_batch(lines):
-        stream += enc.ids + [eos]
+    docs = [enc.ids + [eos] for enc in tok.encode_batch(lines)]
+    if whole_documents:
+        blocks, block = [], []
+        for doc in docs:
+            if block and len(block) + len(doc) > seq_len + 1:
+                blocks.append(block + [IGNORE] * (seq_len + 1 - len(block)))
+                block = []
+            block += doc[:seq_len + 1]
+        blocks.append(block + [IGNORE] * (seq_len + 1 - len(block)))
+        return torch.tensor(blocks)
+    stream = [i for doc in docs for i in doc]
     n = (len(stream) - 1) // seq_len
     if n < 1:
         raise DatasetError(f"the corpus has {len(stream)} tokens, fewer than one block of --seq-len {seq_len}")
@@ -125,7 +161,7 @@ def train_lm(cfg: LMConfig):
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     if any(v is None for v in ids.values()):
         raise ConfigError(f"the tokenizer lacks special tokens {[t for t, v in ids.items() if v is None]}")
-    blocks = pack(lines, tokenizer_json, cfg.seq_len)
+    blocks = pack(lines, tokenizer_json, cfg.seq_len, cfg.whole_documents)
     text = TextConfig(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=cfg.hidden_size,
                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -169,9 +205,9 @@ def train_lm(cfg: LMConfig):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * factor
         with autocast:
-            hidden = model.language_model(model.language_model.embed_tokens(batch[:, :-1]), pos)
+            hidden = model.language_model(model.language_model.embed_tokens(batch[:, :-1].clamp(min=0)), pos)
             logits = model.lm_head(hidden).float()                                # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), ignore_index=IGNORE)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
