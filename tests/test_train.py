@@ -490,7 +490,7 @@ def test_template_without_generation_blocks_labels_each_assistant_turn(world, tm
 
 
 def test_train_lm_reads_scene_documents_as_whole_blocks(tmp_path):
-    from foveal.train.lm import IGNORE, pack, read_corpus, train_tokenizer
+    from foveal.train.lm import pack, read_corpus, train_tokenizer
     written = write_dataset(tmp_path / "data", 12, seed=3, formats=("documents",))
     docs = read_corpus(written["documents"])
     assert len(docs) == 12 and all(len(d.splitlines()) > 5 for d in docs)      # newlines kept inside a document
@@ -503,13 +503,13 @@ def test_train_lm_reads_scene_documents_as_whole_blocks(tmp_path):
     kept = []
     for block in blocks.tolist():
         assert block[0] == tok.token_to_id("<s>")                               # a block starts at a document
-        body = [t for t in block if t != IGNORE]
-        assert block[len(body):] == [IGNORE] * (len(block) - len(body))          # padding only at the end
+        body = [t for t in block if t != IGNORE_INDEX]
+        assert block[len(body):] == [IGNORE_INDEX] * (len(block) - len(body))          # padding only at the end
         kept.append(tok.decode(body, skip_special_tokens=False))
     text = "".join(kept)
     assert all(text.count(d) == 1 for d in docs)                              # each document whole, once
     cut = pack(docs, tokenizer, 64, whole_documents=True)                     # longer than a block: cut
-    assert len(cut) == len(docs) and (cut != IGNORE).all() and (cut[:, 0] == tok.token_to_id("<s>")).all()
+    assert len(cut) == len(docs) and (cut != IGNORE_INDEX).all() and (cut[:, 0] == tok.token_to_id("<s>")).all()
     out = tmp_path / "lm"
     assert cli_main(["train", "lm", str(written["documents"]), "-o", str(out), "--max-steps", "6", "--seq-len", "320",
                      "--whole-documents", "--batch-size", "4", "--vocab-size", "400", "--layers", "1",

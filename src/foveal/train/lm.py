@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..eval.datasets import SHORT_ANSWER
-from .datasets import DatasetError
+from .datasets import IGNORE_INDEX, DatasetError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
@@ -115,15 +115,12 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> str:
     return tok.to_str()
 
 
-IGNORE = -100                        # a target the loss skips: the padding of whole-document blocks
-
-
 def pack(lines: list[str], tokenizer_json: str, seq_len: int, whole_documents: bool = False) -> torch.Tensor:
     """Documents -> (N, seq_len + 1) blocks of `<s> doc </s> <s> doc </s> ...`.
 
     whole_documents: every block starts at a document and holds only whole ones, the rest padded
-    with IGNORE (a document longer than a block is cut). A question then never loses the captions
-    before it to a block boundary, at the cost of the padding."""
+    with IGNORE_INDEX, which the loss skips (a document longer than a block is cut). A question then
+    never loses the captions before it to a block boundary, at the cost of the padding."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_str(tokenizer_json)
     eos = tok.token_to_id("</s>")
@@ -132,10 +129,10 @@ def pack(lines: list[str], tokenizer_json: str, seq_len: int, whole_documents: b
         blocks, block = [], []
         for doc in docs:
             if block and len(block) + len(doc) > seq_len + 1:
-                blocks.append(block + [IGNORE] * (seq_len + 1 - len(block)))
+                blocks.append(block + [IGNORE_INDEX] * (seq_len + 1 - len(block)))
                 block = []
             block += doc[:seq_len + 1]
-        blocks.append(block + [IGNORE] * (seq_len + 1 - len(block)))
+        blocks.append(block + [IGNORE_INDEX] * (seq_len + 1 - len(block)))
         return torch.tensor(blocks)
     stream = [i for doc in docs for i in doc]
     n = (len(stream) - 1) // seq_len
@@ -207,7 +204,8 @@ def train_lm(cfg: LMConfig):
         with autocast:
             hidden = model.language_model(model.language_model.embed_tokens(batch[:, :-1].clamp(min=0)), pos)
             logits = model.lm_head(hidden).float()                                # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), ignore_index=IGNORE)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
