@@ -194,6 +194,66 @@ def test_every_answer_recomputes_from_the_scene(examples):
     assert seen["position", "relation"] > 50 and seen["text", "read"] > 50
 
 
+def test_a_relation_thought_places_both_objects_and_decides_the_answer(examples):
+    where = {f"{prep} the {cell}": cell for row in CELL_NAMES for cell in row for prep in ("at", "on", "in")}
+    cells = {cell: (r, c) for r, row in enumerate(CELL_NAMES) for c, cell in enumerate(row)}
+    relations = 0
+    for ex in examples:
+        for q in ex.questions:
+            if q.category != "relation":
+                assert q.thought is None, q                      # only relations need steps
+                continue
+            relations += 1
+            m = re.fullmatch(r"Is the (.+?) (to the left of|left of|to the right of|right of|above|below) the (.+)\?",
+                             q.question)
+            t = re.fullmatch(r"the (.+?) is ((?:at|on|in) the [a-z ]+?) and the (.+?) is ((?:at|on|in) the [a-z ]+)",
+                             q.thought)
+            assert m and t, q
+            assert (t.group(1), t.group(3)) == (m.group(1), m.group(3))          # named as the question names them
+            a, b = the_one(ex.scene, m.group(1)), the_one(ex.scene, m.group(3))
+            assert (where[t.group(2)], where[t.group(4)]) == (a.cell, b.cell)
+            # the two cells alone decide the answer
+            (ra, ca), (rb, cb) = cells[where[t.group(2)]], cells[where[t.group(4)]]
+            rel = m.group(2).replace("to the ", "").replace(" of", "")
+            holds = {"left": ca < cb, "right": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+            assert q.answer == ("yes" if holds else "no")
+    assert relations > 50
+
+
+def test_relation_thoughts_open_relation_answers_in_instruct_records_and_documents(tmp_path):
+    from foveal.engine.thinking import split_thinking
+    exs = list(generate(40, seed=4))
+    plain = json.loads(export_llava(exs, tmp_path / "plain", kind="instruct", write_images=False).read_text())
+    rel = json.loads(export_llava(exs, tmp_path / "rel", kind="instruct", write_images=False,
+                                  relation_thoughts=True).read_text())
+    thoughts = 0
+    for p, r, ex in zip(plain, rel, exs):
+        by_question = {q.question: q for q in ex.questions}
+        assert [t["value"] for t in p["conversations"][::2]] == [t["value"] for t in r["conversations"][::2]]
+        for (q_turn, plain_turn), rel_turn in zip(zip(p["conversations"][::2], p["conversations"][1::2]),
+                                                 r["conversations"][1::2]):
+            q = by_question[q_turn["value"].removeprefix("<image>\n")]
+            thought, answer = split_thinking(rel_turn["value"])
+            assert answer == plain_turn["value"] == q.answer           # the same answer, after the thought
+            assert thought == (q.thought or "")
+            thoughts += bool(thought)
+    assert thoughts > 10
+    docs = list(scene_documents(40, seed=4, relation_thoughts=True))
+    bare = list(scene_documents(40, seed=4))
+    for doc, plain_doc, ex in zip(docs, bare, exs):
+        relation = [q for q in ex.questions if q.thought]
+        for q in relation:
+            assert f"{q.question} <think>{q.thought}</think>{q.answer}" in doc.split("\n")
+        assert doc.count("<think>") == len(relation)
+        assert doc.replace("<think>", "").count("\n") == plain_doc.count("\n")
+    assert not any("<think>" in d for d in bare)
+    # VQA and POPE files keep the bare answers an evaluation compares
+    written = write_dataset(tmp_path / "all", 40, seed=4, formats=("vqa", "pope", "instruct"), relation_thoughts=True)
+    assert "<think>" not in written["vqa_annotations"].read_text() + written["pope"].read_text()
+    assert "<think>" in written["instruct"].read_text()
+    assert json.loads(written["manifest"].read_text())["relation_thoughts"] is True
+
+
 def test_describe_answer_lists_exactly_the_scene(examples):
     for ex in examples:
         objects, text = parse_caption(canonical_caption(ex.scene))
@@ -447,6 +507,9 @@ def test_command_line_writes_a_dataset(tmp_path, capsys):
     records = json.loads((tmp_path / "think" / "llava_instruct.json").read_text())
     assert any(r["conversations"][1]["value"].startswith("<think>") for r in records)
     assert (tmp_path / "think" / "corpus.jsonl").read_text().count("\n") == 3
+    assert main([str(tmp_path / "rel"), "--n", "30", "--formats", "instruct", "documents", "--relation-thoughts"]) == 0
+    records = (tmp_path / "rel" / "llava_instruct.json").read_text()
+    assert records.count("<think>the ") == (tmp_path / "rel" / "corpus.jsonl").read_text().count("<think>the ") > 0
     assert main([str(tmp_path), "--n", "3", "--image-size", "16"]) == 2
     assert "image_size" in capsys.readouterr().err
 

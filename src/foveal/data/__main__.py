@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true",
                    help="the first answer of each instruct record opens with the scene's description "
                         "as a <think> thought")
+    p.add_argument("--relation-thoughts", action="store_true",
+                   help="a relation question's answer (instruct records and scene documents) opens with "
+                        "where each of its two objects is, as a <think> thought")
     return p
 
 
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         t0 = time.perf_counter()
         written = write_dataset(args.out_dir, args.n, args.seed, config, args.formats, args.start,
-                                args.turns, args.caption_style, args.think)
+                                args.turns, args.caption_style, args.think,
+                                args.relation_thoughts)
     except FovealError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from PIL import Image
 
 from foveal.data.language import TEMPLATES, Question, captions, make_questions
 from foveal.data.render import render
+from foveal.engine.thinking import with_thought
 from foveal.data.world import (
     STREAM_EXPORT,
     Scene,
@@ -66,9 +67,11 @@ def text_corpus(n: int, seed: int = 0, config: WorldConfig | None = None, start:
             yield f"{q.question} {q.answer}"
 
 
-def scene_documents(n: int, seed: int = 0, config: WorldConfig | None = None, start: int = 0) -> Iterator[str]:
+def scene_documents(n: int, seed: int = 0, config: WorldConfig | None = None, start: int = 0,
+                    relation_thoughts: bool = False) -> Iterator[str]:
     """One document per scene for LM pretraining, its lines joined by newlines: the scene's captions, the
     caption prompt with its answer, then every question with its answer in a shuffled order.
+    relation_thoughts: a relation question's answer opens with its thought, as in `llava_record`.
 
     Each question then sits in the context of the captions that answer it, so the LM learns to look an
     object up in its context (what stage 2 needs it to do among image tokens). Separate lines packed
@@ -76,6 +79,7 @@ def scene_documents(n: int, seed: int = 0, config: WorldConfig | None = None, st
     not learn the lookup (measured, README: "Thinking first, and what the LM cannot do")."""
     for ex in generate(n, seed, config, start, images=False):
         rng = stream_rng(seed, ex.scene.index, STREAM_EXPORT)
-        pairs = list(dict.fromkeys(f"{q.question} {q.answer}" for q in ex.questions))
+        pairs = list(dict.fromkeys(
+            f"{q.question} {with_thought(q.answer, q.thought if relation_thoughts else None)}" for q in ex.questions))
         rng.shuffle(pairs)
         yield "\n".join([*ex.captions, f"{rng.choice(TEMPLATES['caption_prompt'])} {ex.captions[0]}", *pairs])

@@ -62,23 +62,26 @@ def save_image(ex: Example, out_dir: Path) -> None:
 # -- one record per example ----------------------------------------------------------------
 
 def llava_record(ex: Example, kind: str = "instruct", turns: int | None = None, caption_style: str = "mixed",
-                 think: bool = False) -> dict:
+                 think: bool = False, relation_thoughts: bool = False) -> dict:
     """One LLaVA conversation: a caption (stage 1) or several Q/A turns (stage 2). think: the first answer
     opens with a thought, the scene's canonical description between <think> tags (none when the question
-    asks for that description), and later turns answer with it in context."""
+    asks for that description), and later turns answer with it in context. relation_thoughts: a relation
+    question's answer opens with its thought, where each of the two objects is (Question.thought)."""
     rng = stream_rng(ex.scene.seed, ex.scene.index, STREAM_EXPORT)
     if kind == "captions":
         caption = ex.captions[0] if caption_style == "canonical" else rng.choice(ex.captions)
-        pairs = [(rng.choice(TEMPLATES["caption_prompt"]), caption)]
+        pairs = [(rng.choice(TEMPLATES["caption_prompt"]), caption, None)]
     else:
         # POPE asks a present object once per category; one conversation needs it once.
-        pairs = list(dict.fromkeys((q.question, q.answer) for q in ex.questions))
+        pairs = list(dict.fromkeys((q.question, q.answer, q.thought) for q in ex.questions))
         rng.shuffle(pairs)  # otherwise turn order would give the question type away
         pairs = pairs[:turns]
     conversations = []
-    for i, (question, answer) in enumerate(pairs):
+    for i, (question, answer, thought) in enumerate(pairs):
         if think and kind == "instruct" and i == 0 and question not in TEMPLATES["describe"]:
             answer = with_thought(answer, canonical_caption(ex.scene))
+        elif relation_thoughts and thought:
+            answer = with_thought(answer, thought)
         conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
         conversations.append({"from": "gpt", "value": answer})
     return {"id": ex.id, "image": image_path(ex), "conversations": conversations}
@@ -169,6 +172,7 @@ def export_llava(
     filename: str | None = None,
     write_images: bool = True,
     think: bool = False,
+    relation_thoughts: bool = False,
 ) -> Path:
     """LLaVA conversation JSON plus images/. kind="captions": one caption per image (stage
     1 alignment); kind="instruct": up to `turns` Q/A turns per image (stage 2)."""
@@ -176,7 +180,7 @@ def export_llava(
     out_dir = _prepare(out_dir)
     writer = _JsonList(out_dir / (filename or FILENAMES[kind]))
     for ex in examples:
-        writer.add(llava_record(ex, kind, turns, caption_style, think))
+        writer.add(llava_record(ex, kind, turns, caption_style, think, relation_thoughts))
         if write_images:
             save_image(ex, out_dir)
     return writer.close()
@@ -221,9 +225,12 @@ def write_dataset(
     turns: int | None = None,
     caption_style: str = "mixed",
     think: bool = False,
+    relation_thoughts: bool = False,
 ) -> dict[str, Path]:
     """Generate n examples once and write every format in `formats` (plus a manifest
-    `dataset.json` recording how to regenerate them). Returns {file role: path}."""
+    `dataset.json` recording how to regenerate them). Returns {file role: path}. think and
+    relation_thoughts: see `llava_record` (relation_thoughts applies to the scene documents too; the
+    VQA and POPE files keep bare answers, what an evaluation compares)."""
     config = config or WorldConfig()
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -241,7 +248,7 @@ def write_dataset(
         written["corpus"] = out_dir / FILENAMES["corpus"]
     if "documents" in formats:
         with open(out_dir / FILENAMES["documents"], "w", encoding="utf-8") as f:
-            for doc in scene_documents(n, seed, config, start):
+            for doc in scene_documents(n, seed, config, start, relation_thoughts):
                 f.write(json.dumps({"text": doc}) + "\n")
         written["documents"] = out_dir / FILENAMES["documents"]
     formats = tuple(f for f in formats if f not in TEXT_FORMATS)
@@ -254,7 +261,7 @@ def write_dataset(
     pope_id = 0
     for ex in generate(n, seed, config, start, images=bool(formats)):
         for kind, writer in llava.items():
-            writer.add(llava_record(ex, kind, turns, caption_style, think))
+            writer.add(llava_record(ex, kind, turns, caption_style, think, relation_thoughts))
         if "vqa" in formats:
             for question, annotation in vqa_records(ex):
                 vqa_q.add(question)
@@ -274,6 +281,7 @@ def write_dataset(
 
     manifest = {"generator": "foveal.data", "seed": seed, "start": start, "n": n,
                 "config": asdict(config), "turns": turns, "caption_style": caption_style, "think": think,
+                "relation_thoughts": relation_thoughts,
                 "files": {k: p.name for k, p in written.items()}}
     (out_dir / FILENAMES["manifest"]).write_text(json.dumps(manifest, indent=2) + "\n")
     written["manifest"] = out_dir / FILENAMES["manifest"]

@@ -83,6 +83,9 @@ class Question:
     # exist: the POPE category; position: "where" / "relation"; count: "all", "color",
     # "shape" or "color+shape"; text: "has_text" / "read"; color, shape, describe: None.
     category: str | None = None
+    # The steps to the answer, for exports that let a model think first (relations only: where each
+    # of the two objects is, which decides the answer). None: the answer needs no steps.
+    thought: str | None = None
 
     @property
     def answer_type(self) -> str:
@@ -185,6 +188,12 @@ RELATIONS = {
 }
 
 
+def relation_thought(a: ShapeObject, ref_a: str, b: ShapeObject, ref_b: str) -> str:
+    """Where the two objects of a relation question are, in the captions' words: the answer follows
+    from the two cells alone ("the circle is at the top left and the square is on the right")."""
+    return f"the {ref_a} is {LOCATION_PHRASES[a.cell]} and the {ref_b} is {LOCATION_PHRASES[b.cell]}"
+
+
 def _position(scene: Scene, rng: random.Random) -> list[Question]:
     refs = [(o, r) for o in scene.objects for r in [unique_reference(o, scene, REF_FOR_POSITION)] if r]
     if not refs:
@@ -200,7 +209,8 @@ def _position(scene: Scene, rng: random.Random) -> list[Question]:
         pool = [t for t in triples if RELATIONS[t[0]](t[1][0], t[2][0]) == want] or triples
         rel, (a, ra), (b, rb) = rng.choice(pool)
         answer = "yes" if RELATIONS[rel](a, b) else "no"
-        out.append(Question("position", rng.choice(TEMPLATES[rel]).format(a=ra, b=rb), answer, "relation"))
+        out.append(Question("position", rng.choice(TEMPLATES[rel]).format(a=ra, b=rb), answer, "relation",
+                            relation_thought(a, ra, b, rb)))
     return out
 
 
