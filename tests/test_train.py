@@ -518,6 +518,28 @@ def test_train_lm_reads_scene_documents_as_whole_blocks(tmp_path):
     assert len(log) == 6 and all(math.isfinite(x) for x in log) and log[-1] < log[0]
 
 
+def test_lm_tokenizer_makes_thinking_tags_single_tokens_that_decoding_keeps(tmp_path):
+    from tokenizers import Tokenizer
+
+    from foveal.engine.thinking import split_thinking
+    from foveal.processing.prompt import Tokenizer as FovealTokenizer
+    from foveal.train.lm import SPECIAL_TOKENS, read_corpus, train_tokenizer
+    plain = read_corpus(write_dataset(tmp_path / "plain", 30, seed=3, formats=("documents",))["documents"])
+    docs = read_corpus(write_dataset(tmp_path / "rel", 30, seed=3, formats=("documents",),
+                                     relation_thoughts=True)["documents"])
+    without, with_tags = (Tokenizer.from_str(train_tokenizer(d, 400)) for d in (plain, docs))
+    assert without.token_to_id("<think>") is None and without.get_vocab_size() == 400
+    assert [with_tags.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]    # the layout stays
+    assert {with_tags.token_to_id("<think>"), with_tags.token_to_id("</think>")} == {400, 401}
+    line = next(x for d in docs for x in d.splitlines() if "<think>" in x)
+    ids = with_tags.encode(line).ids
+    assert ids.count(400) == ids.count(401) == 1                               # one token a tag
+    # foveal decodes skipping special tokens; the tags are not special, so the thought can be split off
+    text = FovealTokenizer(with_tags).decode(ids[ids.index(400):])
+    thought, answer = split_thinking(text)
+    assert thought.startswith("the ") and " is " in thought and answer in ("yes", "no")
+
+
 @pytest.mark.parametrize("content, problem", [
     (b'{"text": "a red circle"}\nnot json\n', "line 2 is not JSON"),
     (b'{"text": "a red circle"}\n{"body": "x"}\n', 'line 2: expected an object with a "text" string'),

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..engine.thinking import THINK_CLOSE, THINK_OPEN
 from ..errors import ConfigError
 from ..eval.datasets import SHORT_ANSWER
 from .datasets import IGNORE_INDEX, DatasetError
@@ -111,6 +112,11 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> str:
     instruction = "\n" + SHORT_ANSWER
     roles = [f"USER: {line}{instruction if i % 2 else ''} ASSISTANT: {line}" for i, line in enumerate(sample)]
     tok.train_from_iterator(list(lines) + roles, trainer)
+    if any(THINK_OPEN in line for line in lines):
+        # A thought's tags as one token each, after the merges (so ids 0-4 keep their places): as byte
+        # pieces they cost ~7 tokens a tag in a 512-token vocabulary. Not special, so decoding keeps
+        # them for engine/thinking.py to split the thought off, as Qwen3's tokenizer does.
+        tok.add_tokens([THINK_OPEN, THINK_CLOSE])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok.to_str()
 
