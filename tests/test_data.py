@@ -206,16 +206,20 @@ def test_a_relation_thought_places_both_objects_and_decides_the_answer(examples)
             relations += 1
             m = re.fullmatch(r"Is the (.+?) (to the left of|left of|to the right of|right of|above|below) the (.+)\?",
                              q.question)
-            t = re.fullmatch(r"the (.+?) is ((?:at|on|in) the [a-z ]+?) and the (.+?) is ((?:at|on|in) the [a-z ]+)",
-                             q.thought)
+            t = re.fullmatch(r"the (.+?) is ((?:at|on|in) the [a-z ]+?), (column|row) ([1-3]), and "
+                             r"the (.+?) is ((?:at|on|in) the [a-z ]+?), (column|row) ([1-3])", q.thought)
             assert m and t, q
-            assert (t.group(1), t.group(3)) == (m.group(1), m.group(3))          # named as the question names them
+            assert (t.group(1), t.group(5)) == (m.group(1), m.group(3))          # named as the question names them
             a, b = the_one(ex.scene, m.group(1)), the_one(ex.scene, m.group(3))
-            assert (where[t.group(2)], where[t.group(4)]) == (a.cell, b.cell)
-            # the two cells alone decide the answer
-            (ra, ca), (rb, cb) = cells[where[t.group(2)]], cells[where[t.group(4)]]
+            assert (where[t.group(2)], where[t.group(6)]) == (a.cell, b.cell)
             rel = m.group(2).replace("to the ", "").replace(" of", "")
-            holds = {"left": ca < cb, "right": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+            axis = "column" if rel in ("left", "right") else "row"
+            assert t.group(3) == t.group(7) == axis
+            # each number is its cell's column or row, counted from 1, and the two numbers decide the answer
+            for cell, number in ((where[t.group(2)], t.group(4)), (where[t.group(6)], t.group(8))):
+                assert int(number) == cells[cell][axis == "column"] + 1
+            na, nb = int(t.group(4)), int(t.group(8))
+            holds = {"left": na < nb, "right": na > nb, "above": na < nb, "below": na > nb}[rel]
             assert q.answer == ("yes" if holds else "no")
     assert relations > 50
 

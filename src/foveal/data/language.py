@@ -188,10 +188,15 @@ RELATIONS = {
 }
 
 
-def relation_thought(a: ShapeObject, ref_a: str, b: ShapeObject, ref_b: str) -> str:
-    """Where the two objects of a relation question are, in the captions' words: the answer follows
-    from the two cells alone ("the circle is at the top left and the square is on the right")."""
-    return f"the {ref_a} is {LOCATION_PHRASES[a.cell]} and the {ref_b} is {LOCATION_PHRASES[b.cell]}"
+def relation_thought(rel: str, a: ShapeObject, ref_a: str, b: ShapeObject, ref_b: str) -> str:
+    """Where the two objects of a relation question are, each in the captions' words and then as the
+    number of its column (left / right) or row (above / below), counted from 1 at the left or top:
+    "the circle is at the top left, column 1, and the square is on the right, column 3". The answer is
+    then a comparison of the two numbers, and each step reads only what the step before it wrote (with
+    the cells alone, a text LM that had learnt the lookups answered at chance: README)."""
+    axis = "column" if rel in ("left", "right") else "row"
+    return ", and ".join(f"the {ref} is {LOCATION_PHRASES[o.cell]}, {axis} {getattr(o, axis[:3]) + 1}"
+                         for o, ref in ((a, ref_a), (b, ref_b)))
 
 
 def _position(scene: Scene, rng: random.Random) -> list[Question]:
@@ -210,7 +215,7 @@ def _position(scene: Scene, rng: random.Random) -> list[Question]:
         rel, (a, ra), (b, rb) = rng.choice(pool)
         answer = "yes" if RELATIONS[rel](a, b) else "no"
         out.append(Question("position", rng.choice(TEMPLATES[rel]).format(a=ra, b=rb), answer, "relation",
-                            relation_thought(a, ra, b, rb)))
+                            relation_thought(rel, a, ra, b, rb)))
     return out
 
 
