@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-suffix", default=None,
                    help="instruction appended to each question (default: LLaVA's short-answer / option-letter "
                         "instruction; '' sends the bare question)")
-    p.add_argument("--max-tokens", type=int, default=None, help="answer length limit (default 32)")
+    p.add_argument("--max-tokens", type=int, default=None, help="answer length limit, a thought included (default 64)")
     p.add_argument("--endpoint", default=None, help="evaluate a server instead of a local model: base URL")
     p.add_argument("--api", default=None, help="the endpoint's API: openai (default) or ollama")
     p.add_argument("--api-key", default=None, help="bearer token for the endpoint (default: $FOVEAL_API_KEY, "

@@ -34,7 +34,9 @@ from .metrics import (PRIMARY_METRIC, breakdown, exact_match, extract_choice, po
                       vqa_accuracy)
 
 REPORT_VERSION = 1
-DEFAULT_MAX_TOKENS = 32
+# Room for a short thought before a short answer (the bundled model writes ~30 tokens of thought before
+# a relation answer); a model that answers at once stops at its end token long before.
+DEFAULT_MAX_TOKENS = 64
 
 
 def output_paths(report: str | Path) -> tuple[Path, Path, Path]:
