@@ -538,6 +538,11 @@ def test_lm_tokenizer_makes_thinking_tags_single_tokens_that_decoding_keeps(tmp_
     text = FovealTokenizer(with_tags).decode(ids[ids.index(400):])
     thought, answer = split_thinking(text)
     assert thought.startswith("the ") and " is " in thought and answer in ("yes", "no")
+    # The tag takes the space the chat template puts after "ASSISTANT:": a space token of its own would lie
+    # outside the {% generation %} span, never a target, and the model would never learn to write it.
+    turn = with_tags.encode("USER: Is the circle left of the square? ASSISTANT: <think>the circle")
+    assert turn.tokens[turn.ids.index(400) - 1] == ":"
+    assert with_tags.decode(with_tags.encode(" <think>a</think>no").ids) == "<think>a</think>no"
 
 
 @pytest.mark.parametrize("content, problem", [

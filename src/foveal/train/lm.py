@@ -97,7 +97,7 @@ def read_corpus(path: Path) -> list[str]:
 
 
 def train_tokenizer(lines: list[str], vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -116,7 +116,11 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> str:
         # A thought's tags as one token each, after the merges (so ids 0-4 keep their places): as byte
         # pieces they cost ~7 tokens a tag in a 512-token vocabulary. Not special, so decoding keeps
         # them for engine/thinking.py to split the thought off, as Qwen3's tokenizer does.
-        tok.add_tokens([THINK_OPEN, THINK_CLOSE])
+        # THINK_OPEN takes the space in front of it (lstrip), as the chat template's "ASSISTANT: " puts one
+        # there: as a token of its own that space lies outside the {% generation %} span, so it is never a
+        # target, and a model asked to answer never learns to write it before the tag (measured: README).
+        tok.add_tokens([AddedToken(THINK_OPEN, lstrip=True, normalized=False),
+                        AddedToken(THINK_CLOSE, normalized=False)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok.to_str()
 
