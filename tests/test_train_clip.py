@@ -392,6 +392,18 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
         recipe.clip_label_weight, recipe.clip_caption_weight, recipe.clip_lr)
     assert written["region_weight"] == recipe.clip_region_weight and written["label_weight"] > 0
     assert (written["label_chars"], written["label_cells"]) == (recipe.clip_label_chars, recipe.clip_label_cells)
+    manifest = json.loads((out / "data" / "train" / "dataset.json").read_text())
+    assert manifest["relation_thoughts"] is recipe.relation_thoughts is False        # off by default
+    assert "<think>" not in (out / "data" / "train" / "corpus.jsonl").read_text()
+    from foveal.cli import build_parser
+    args = build_parser().parse_args(["train", "recipe", "shapes", "-o", "x", "--relation-thoughts"])
+    assert args.relation_thoughts and not build_parser().parse_args(
+        ["train", "recipe", "shapes", "-o", "x"]).relation_thoughts
+    run_recipe(RecipeConfig(output_dir=str(tmp_path / "rel"), minutes=0.2, train_scenes=16, eval_scenes=1,
+                            progress=False, stages=("data",), relation_thoughts=True))
+    assert "<think>" in (tmp_path / "rel" / "data" / "train" / "llava_instruct.json").read_text()
+    assert "<think>" in (tmp_path / "rel" / "data" / "train" / "corpus.jsonl").read_text()
+    assert "<think>" not in (tmp_path / "rel" / "data" / "heldout" / "vqa_annotations.json").read_text()
     assert stage_options(["dense.lr=2e-3", "dense.cells=false"]) == {"dense": {"lr": 2e-3, "cells": False}}
     with pytest.raises(ConfigError, match="dense-share"):
         RecipeConfig(output_dir="unused", dense_share=1.5)

@@ -172,6 +172,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--dense-share", type=float, default=None,
                    help="share of the budget for the dense word alignment of the projector before stage 1 "
                         "(train/dense.py; default: the recipe's, 0 = none)")
+    p.add_argument("--relation-thoughts", action="store_true",
+                   help="relation answers open with a thought of where the two objects are (measured no better)")
     p.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one setting of one stage (clip, lm, dense, align, instruct), as that stage's own "
                         "command names it, e.g. clip.attribute_weight=3; repeatable")
@@ -307,6 +309,6 @@ def cmd_recipe(args) -> int:
     summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
                                       save_dtype=args.save_dtype, progress=not args.no_progress,
-                                      extra=stage_options(args.stage_option), **sizes))
+                                      relation_thoughts=args.relation_thoughts, extra=stage_options(args.stage_option), **sizes))
     print(json.dumps({k: summary[k] for k in ("total_minutes", "model_bytes", "targets_met") if k in summary}))
     return 0

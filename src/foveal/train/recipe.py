@@ -92,6 +92,9 @@ class RecipeConfig:
     clip_region_weight: float = 0.0           # region-phrase contrast
     clip_batch: int = 64
     clip_lr: float = 3e-3
+    # a relation question's answer opens with where its two objects are, as a thought; off: measured no
+    # better in two whole runs (README, "Relation thoughts")
+    relation_thoughts: bool = False
     # budget shares (of the whole recipe)
     clip_share: float = 0.15
     lm_share: float = 0.22
@@ -176,7 +179,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     if "data" in cfg.stages:
         t0 = time.perf_counter()
         _say(f"data: {n_train} training scenes (seed {cfg.seed}), {cfg.eval_scenes} held-out scenes (seed {EVAL_SEED})")
-        write_dataset(data_dir, n_train, cfg.seed, world, ("captions", "instruct", "documents"))
+        write_dataset(data_dir, n_train, cfg.seed, world, ("captions", "instruct", "documents"),
+                      relation_thoughts=cfg.relation_thoughts)
         add_short_answer_instruction(data_dir / "llava_instruct.json", 0.3, cfg.seed)
         write_dataset(eval_dir, cfg.eval_scenes, EVAL_SEED, world, ("vqa", "pope"))
         stage_done("data", t0, train_scenes=n_train, eval_scenes=cfg.eval_scenes)
