@@ -17,7 +17,6 @@ from PIL import Image
 
 from foveal.data.language import TEMPLATES, Question, captions, make_questions
 from foveal.data.render import render
-from foveal.engine.thinking import with_thought
 from foveal.data.world import (
     STREAM_EXPORT,
     Scene,
@@ -27,6 +26,7 @@ from foveal.data.world import (
     make_scene,
     stream_rng,
 )
+from foveal.engine.thinking import with_thought
 
 
 @dataclass

@@ -34,8 +34,9 @@ from .metrics import (PRIMARY_METRIC, breakdown, exact_match, extract_choice, po
                       vqa_accuracy)
 
 REPORT_VERSION = 1
-# Room for a short thought before a short answer (the bundled model writes ~30 tokens of thought before
-# a relation answer); a model that answers at once stops at its end token long before.
+# Room for a short thought before a short answer (a recipe model trained with --relation-thoughts writes
+# up to ~30 tokens of thought before a relation answer); a model that answers at once stops at its end
+# token long before.
 DEFAULT_MAX_TOKENS = 64
 
 

@@ -309,6 +309,7 @@ def cmd_recipe(args) -> int:
     summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
                                       save_dtype=args.save_dtype, progress=not args.no_progress,
-                                      relation_thoughts=args.relation_thoughts, extra=stage_options(args.stage_option), **sizes))
+                                      relation_thoughts=args.relation_thoughts,
+                                      extra=stage_options(args.stage_option), **sizes))
     print(json.dumps({k: summary[k] for k in ("total_minutes", "model_bytes", "targets_met") if k in summary}))
     return 0
