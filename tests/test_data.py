@@ -49,6 +49,9 @@ def examples():
 
 # -- an independent reading of questions and captions ----------------------------------------
 
+RELATION_RE = r"Is the (.+?) (to the left of|left of|to the right of|right of|above|below) the (.+)\?"
+CELL_BY_PHRASE = {f"{prep} the {cell}": cell for row in CELL_NAMES for cell in row for prep in ("at", "on", "in")}
+
 SIZE_RE, COLOR_RE, SHAPE_RE = "|".join(SIZES), "|".join(COLORS), "|".join(SHAPES)
 PLURAL_TO_SHAPE = {p: s for s, p in SHAPE_PLURALS.items()}
 
@@ -94,7 +97,7 @@ def expected_answer(scene, q) -> str:
         return the_one(scene, m.group(2)).shape
     if m := re.fullmatch(r"(Where is|In which part of the image is) the (.+)\?", text):
         return the_one(scene, m.group(2)).cell
-    if m := re.fullmatch(r"Is the (.+?) (to the left of|left of|to the right of|right of|above|below) the (.+)\?", text):
+    if m := re.fullmatch(RELATION_RE, text):
         a, rel, b = the_one(scene, m.group(1)), m.group(2), the_one(scene, m.group(3))
         assert a is not b
         holds = {"left": a.col < b.col, "right": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}
@@ -113,8 +116,6 @@ def expected_answer(scene, q) -> str:
 
 def parse_caption(caption: str) -> tuple[list[tuple[str, str, str, str]], str | None]:
     """Canonical caption -> [(size, colour, shape, cell)], text; the inverse of the generator."""
-    where = {f"{prep} the {cell}": cell for row in CELL_NAMES for cell in row
-             for prep in ("at", "on", "in")}
     items = re.split(r", | and (?=an? |the text)", caption)
     objects, text = [], None
     for item in items:
@@ -123,7 +124,7 @@ def parse_caption(caption: str) -> tuple[list[tuple[str, str, str, str]], str | 
             continue
         m = re.fullmatch(rf"an? ({SIZE_RE}) ({COLOR_RE}) ({SHAPE_RE}) (.+)", item)
         assert m, item
-        objects.append((m.group(1), m.group(2), m.group(3), where[m.group(4)]))
+        objects.append((m.group(1), m.group(2), m.group(3), CELL_BY_PHRASE[m.group(4)]))
     return objects, text
 
 
@@ -195,7 +196,6 @@ def test_every_answer_recomputes_from_the_scene(examples):
 
 
 def test_a_relation_thought_places_both_objects_and_decides_the_answer(examples):
-    where = {f"{prep} the {cell}": cell for row in CELL_NAMES for cell in row for prep in ("at", "on", "in")}
     cells = {cell: (r, c) for r, row in enumerate(CELL_NAMES) for c, cell in enumerate(row)}
     relations = 0
     for ex in examples:
@@ -204,19 +204,18 @@ def test_a_relation_thought_places_both_objects_and_decides_the_answer(examples)
                 assert q.thought is None, q                      # only relations need steps
                 continue
             relations += 1
-            m = re.fullmatch(r"Is the (.+?) (to the left of|left of|to the right of|right of|above|below) the (.+)\?",
-                             q.question)
+            m = re.fullmatch(RELATION_RE, q.question)
             t = re.fullmatch(r"the (.+?) is ((?:at|on|in) the [a-z ]+?), (column|row) ([1-3]), and "
                              r"the (.+?) is ((?:at|on|in) the [a-z ]+?), (column|row) ([1-3])", q.thought)
             assert m and t, q
             assert (t.group(1), t.group(5)) == (m.group(1), m.group(3))          # named as the question names them
             a, b = the_one(ex.scene, m.group(1)), the_one(ex.scene, m.group(3))
-            assert (where[t.group(2)], where[t.group(6)]) == (a.cell, b.cell)
+            assert (CELL_BY_PHRASE[t.group(2)], CELL_BY_PHRASE[t.group(6)]) == (a.cell, b.cell)
             rel = m.group(2).replace("to the ", "").replace(" of", "")
             axis = "column" if rel in ("left", "right") else "row"
             assert t.group(3) == t.group(7) == axis
             # each number is its cell's column or row, counted from 1, and the two numbers decide the answer
-            for cell, number in ((where[t.group(2)], t.group(4)), (where[t.group(6)], t.group(8))):
+            for cell, number in ((CELL_BY_PHRASE[t.group(2)], t.group(4)), (CELL_BY_PHRASE[t.group(6)], t.group(8))):
                 assert int(number) == cells[cell][axis == "column"] + 1
             na, nb = int(t.group(4)), int(t.group(8))
             holds = {"left": na < nb, "right": na > nb, "above": na < nb, "below": na > nb}[rel]
