@@ -77,14 +77,31 @@ def test_labels_are_assistant_tokens_plus_eos(world, bundled):
     ex = tokenize(record, vlm.prompt, eos_id=2)
     answers = [m["content"][-1]["text"] for m in record.messages if m["role"] == "assistant"]
     labelled = [t for t in ex.labels if t != IGNORE_INDEX]
-    # every answer (the bundled template writes "answer " then </s>) and nothing else
-    assert vlm.tokenizer.decode(labelled, skip_special_tokens=False) == "".join(a + " </s>" for a in answers)
+    # every answer (the bundled template writes " answer " then </s>) and nothing else: the space after
+    # "ASSISTANT:" is a target too, as the model has to write it (a lone space token in a small vocabulary)
+    assert vlm.tokenizer.decode(labelled, skip_special_tokens=False) == "".join(f" {a} </s>" for a in answers)
     assert labelled.count(2) == len(answers)
     assert not any(lab != IGNORE_INDEX for lab, m in zip(ex.labels, ex.image_mask) if m)
     assert sum(ex.image_mask) == vlm.image_tokens_per_image
     # the user's question is in the input but never in the labels
     question = record.messages[0]["content"][-1]["text"]
     assert question in vlm.tokenizer.decode([t for t in ex.input_ids if t >= 0])
+
+
+def test_bundled_template_renders_llava_15_text_with_the_answer_space_in_the_span(bundled):
+    from transformers import AutoTokenizer
+    vlm = foveal.load(bundled, dtype="float32")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read the text."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "RP"}]},
+                {"role": "user", "content": [{"type": "text", "text": "Count?"}]}]
+    text = "Be brief. USER: <image>\nRead the text. ASSISTANT: RP </s>USER: Count? ASSISTANT:"
+    assert AutoTokenizer.from_pretrained(bundled).apply_chat_template(messages, tokenize=False,
+                                                                      add_generation_prompt=True) == text
+    built = vlm.prompt.build(messages[:3], n_images=1, add_generation_prompt=False, track_assistant=True)
+    # the bundled tokenizer is byte-level: every character is a token of its own
+    marked = [t for t, m in zip(built.input_ids, built.assistant_mask) if m]
+    assert vlm.tokenizer.decode(marked, skip_special_tokens=False) == " RP "
 
 
 def test_template_without_eos_gets_one_after_the_last_answer(world, hf_llava):
@@ -538,8 +555,7 @@ def test_lm_tokenizer_makes_thinking_tags_single_tokens_that_decoding_keeps(tmp_
     text = FovealTokenizer(with_tags).decode(ids[ids.index(400):])
     thought, answer = split_thinking(text)
     assert thought.startswith("the ") and " is " in thought and answer in ("yes", "no")
-    # The tag takes the space the chat template puts after "ASSISTANT:": a space token of its own would lie
-    # outside the {% generation %} span, never a target, and the model would never learn to write it.
+    # The tag takes the space the chat template puts after "ASSISTANT:": one token, not two.
     turn = with_tags.encode("USER: Is the circle left of the square? ASSISTANT: <think>the circle")
     assert turn.tokens[turn.ids.index(400) - 1] == ":"
     assert with_tags.decode(with_tags.encode(" <think>a</think>no").ids) == "<think>a</think>no"

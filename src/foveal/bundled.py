@@ -17,13 +17,18 @@ from .errors import ModelNotFoundError
 
 ASSET_DIR = Path(__file__).parent / "assets" / "default-model"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+# LLaVA-1.5's template (processing/prompt.py), with the space after "ASSISTANT:" inside the
+# {% generation %} span: it renders the same text, but where the answer's first token is a lone space
+# (BPE has no "Ġ9" merge in a 512-token vocabulary) that token is a training target. Outside the span
+# it never was, so a model never learnt to write it and read "9CE" as " ACE" (measured: README).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ':' }}"
+    "{% if message['role'] != 'assistant' or message['content'] is string %}{{ ' ' }}{% endif %}"
     "{% endif %}{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
     "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}"
-    "{% else %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ (' ' if loop.first else '') + content['text'] + ' ' }}"
+    "{% endgeneration %}{% else %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )

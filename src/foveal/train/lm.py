@@ -116,9 +116,9 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> str:
         # A thought's tags as one token each, after the merges (so ids 0-4 keep their places): as byte
         # pieces they cost ~7 tokens a tag in a 512-token vocabulary. Not special, so decoding keeps
         # them for engine/thinking.py to split the thought off, as Qwen3's tokenizer does.
-        # THINK_OPEN takes the space in front of it (lstrip), as the chat template's "ASSISTANT: " puts one
-        # there: as a token of its own that space lies outside the {% generation %} span, so it is never a
-        # target, and a model asked to answer never learns to write it before the tag (measured: README).
+        # THINK_OPEN takes the space in front of it (lstrip), which the chat template puts after
+        # "ASSISTANT:": one token instead of two. (Before that space moved into the {% generation %} span,
+        # a space token of its own was never a target, and a model never learnt to write the tag.)
         tok.add_tokens([AddedToken(THINK_OPEN, lstrip=True, normalized=False),
                         AddedToken(THINK_CLOSE, normalized=False)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
