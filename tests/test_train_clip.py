@@ -18,7 +18,7 @@ import foveal
 from foveal.cli import main as cli_main
 from foveal.errors import ConfigError, FovealError
 from foveal.train.cli import cmd_assemble
-from foveal.train.clip import ClipConfig, train_clip, world_tokenizer
+from foveal.train.clip import RELATION_LABELS, ClipConfig, train_clip, world_tokenizer
 
 TINY_CLIP = dict(image_size=48, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, text_width=32,
                  text_layers=1, text_heads=2, embed_dim=16, batch_size=16, eval_size=16, precision="fp32",
@@ -238,6 +238,25 @@ def test_patch_pooled_attribute_words_and_dense_labels_name_the_object_under_eac
     cell_pool, target = targets["cell"]
     assert torch.equal(cell_pool, attributes[0][0])
     assert [CELLS[t] for t in target.tolist()] == [o.cell for _, o in expected]
+    # with label_relations, each such patch names per direction the kinds of object lying that way from its object
+    batcher.cfg = ClipConfig(output_dir="unused", label_weight=2.0, label_chars=False, label_relations=True,
+                             **TINY_CLIP)
+    targets = batcher.regions(scenes)[-1]["targets"]
+    assert list(targets) == ["shape", "color", "size", "relation"]
+    relation_pool, target = targets["relation"]
+    assert torch.equal(relation_pool, attributes[0][0]) and target.dtype == torch.float32
+    assert target.shape == (len(expected), 4 * (len(SHAPES) + len(COLORS) * len(SHAPES)))
+    scene_of = {id(o): s for s in scenes for o in s.objects}
+    for row, (_, o) in zip(target, expected):
+        named = {RELATION_LABELS[i] for i in row.nonzero().flatten().tolist()}
+        truth = set()
+        for other in scene_of[id(o)].objects:
+            ways = {"left": other.col > o.col, "right": other.col < o.col, "above": other.row > o.row,
+                    "below": other.row < o.row}
+            truth |= {(way, kind) for way, yes in ways.items() if yes
+                      for kind in (other.shape, f"{other.color} {other.shape}")}
+        assert named == truth
+    assert any(target.sum(1) > 0) and any(target.sum(1) == 0)      # some objects have neighbours, some none
 
 
 def test_dense_label_loss_is_the_heads_cross_entropy_and_trains_without_captions(tmp_path):
@@ -260,6 +279,23 @@ def test_dense_label_loss_is_the_heads_cross_entropy_and_trains_without_captions
         expected = sum(F.cross_entropy(model.label_heads[a](model.post_layernorm(pool @ states)), t)
                        for a, (pool, t) in labels["targets"].items())
         assert torch.allclose(loss, 3.0 / 5 * expected, rtol=1e-5)          # the heads' terms averaged, times 3
+    # the relation head: binary cross-entropy per (direction, kind), summed over kinds, averaged over the four
+    # directions and the patches, on top of the other heads' average (whose weight it leaves as it was)
+    cfg.label_relations = True
+    batcher = CaptionBatcher(cfg, tok, 0)
+    pixels, ids, mask, _, regions = batcher.batch(0, 6, regions=True)
+    model = ClipModel(cfg, tok.get_vocab_size())
+    init_weights(model)
+    with torch.no_grad():
+        loss, _ = model(pixels, ids, mask, list(regions))
+        labels = regions[-1]
+        states = model.vision_model(pixels)[0][:, 1:].reshape(-1, cfg.vision_width)
+        single = sum(F.cross_entropy(model.label_heads[a](model.post_layernorm(pool @ states)), t)
+                     for a, (pool, t) in labels["targets"].items() if a != "relation")
+        pool, target = labels["targets"]["relation"]
+        logits = model.label_heads["relation"](model.post_layernorm(pool @ states))
+        by_hand = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).sum() / len(target) / 4
+        assert torch.allclose(loss, 3.0 / 5 * (single + by_hand), rtol=1e-5)
     report = train_clip(ClipConfig(output_dir=str(tmp_path), max_steps=6, lr=3e-3, label_weight=3.0,
                                    caption_weight=0.0, region_weight=0.0, **TINY_CLIP))
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -391,7 +427,8 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
     assert (written["label_weight"], written["caption_weight"], written["lr"]) == (
         recipe.clip_label_weight, recipe.clip_caption_weight, recipe.clip_lr)
     assert written["region_weight"] == recipe.clip_region_weight and written["label_weight"] > 0
-    assert (written["label_chars"], written["label_cells"]) == (recipe.clip_label_chars, recipe.clip_label_cells)
+    assert (written["label_chars"], written["label_cells"], written["label_relations"]) == (
+        recipe.clip_label_chars, recipe.clip_label_cells, recipe.clip_label_relations)
     manifest = json.loads((out / "data" / "train" / "dataset.json").read_text())
     assert manifest["relation_thoughts"] is recipe.relation_thoughts is False        # off by default
     assert "<think>" not in (out / "data" / "train" / "corpus.jsonl").read_text()
@@ -417,11 +454,11 @@ def test_train_clip_command_takes_the_dense_options(tmp_path):
             "--heads", "2", "--text-width", "32", "--text-layers", "1", "--embed-dim", "16", "--batch-size", "8",
             "--max-steps", "2", "--eval-size", "8", "--precision", "fp32", "--no-progress",
             "--attribute-weight", "1", "--label-weight", "2", "--no-label-chars", "--label-cells",
-            "--attribute-pooling", "patch"]
+            "--label-relations", "--attribute-pooling", "patch"]
     assert cli_main(argv) == 0
     written = json.loads((tmp_path / "train_config.json").read_text())
     assert (written["attribute_pooling"], written["label_weight"], written["attribute_weight"]) == ("patch", 2.0, 1.0)
-    assert written["label_chars"] is False and written["label_cells"] is True
+    assert written["label_chars"] is False and written["label_cells"] is True and written["label_relations"] is True
     with pytest.raises(SystemExit):
         cli_main(argv[:-2] + ["--attribute-pooling", "pixels"])
 

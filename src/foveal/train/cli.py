@@ -141,6 +141,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--label-cells", action="store_true",
                    help="with --label-weight: also a head naming the grid cell (top left ... bottom right) of the "
                         "object under each patch, what \"where is the X?\" answers")
+    p.add_argument("--label-relations", action="store_true",
+                   help="with --label-weight: also a multi-label head naming, per direction (left, right, above, "
+                        "below), the kinds of object that lie that way from the object under each patch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_clip)
 
@@ -256,7 +259,7 @@ def cmd_clip(args) -> int:
                                    attribute_weight=args.attribute_weight, glyph_weight=args.glyph_weight,
                                    caption_weight=args.caption_weight, attribute_pooling=args.attribute_pooling,
                                    label_weight=args.label_weight, label_chars=not args.no_label_chars,
-                                   label_cells=args.label_cells,
+                                   label_cells=args.label_cells, label_relations=args.label_relations,
                                    progress=not args.no_progress))
     print(json.dumps(report["retrieval"]))
     return 0

@@ -88,6 +88,7 @@ class RecipeConfig:
     clip_label_weight: float = 4.0
     clip_label_chars: bool = True
     clip_label_cells: bool = True             # each object patch also names its grid cell (measured: see README)
+    clip_label_relations: bool = True         # ... and which kinds of object lie left / right / above / below it
     clip_caption_weight: float = 0.2
     clip_region_weight: float = 0.0           # region-phrase contrast
     clip_batch: int = 64
@@ -195,7 +196,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                                        max_steps=100_000, minutes=cfg.minutes * cfg.clip_share, seed=cfg.seed,
                                        progress=cfg.progress, region_weight=cfg.clip_region_weight,
                                        label_weight=cfg.clip_label_weight, label_chars=cfg.clip_label_chars,
-                                       label_cells=cfg.clip_label_cells,
+                                       label_cells=cfg.clip_label_cells, label_relations=cfg.clip_label_relations,
                                        caption_weight=cfg.clip_caption_weight, batch_size=cfg.clip_batch,
                                        lr=cfg.clip_lr)))
         stage_done("clip", t0, steps=report["steps"], final_loss=report["final_loss"],
