@@ -88,7 +88,9 @@ class RecipeConfig:
     clip_label_weight: float = 4.0
     clip_label_chars: bool = True
     clip_label_cells: bool = True             # each object patch also names its grid cell (measured: see README)
-    clip_label_relations: bool = True         # ... and which kinds of object lie left / right / above / below it
+    # ... and which kinds of object lie left / right / above / below it; off: measured worse (README,
+    # "Reading, and relations in the tower")
+    clip_label_relations: bool = False
     clip_caption_weight: float = 0.2
     clip_region_weight: float = 0.0           # region-phrase contrast
     clip_batch: int = 64
