@@ -103,6 +103,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import VisionConfig
+from ..data.language import RELATIONS
 from ..errors import ConfigError
 from ..models.vision import VisionTower
 
@@ -145,7 +146,7 @@ class ClipConfig:
     label_weight: float = 0.0           # weight of the dense scene-label loss (linear heads on patches, see above)
     label_chars: bool = True            # ... with a head naming the character under each glyph patch
     label_cells: bool = False           # ... and one naming the grid cell ("top left", ...) of the object under each patch
-    label_relations: bool = False       # ... and one naming, per direction, the kinds of object the one under it lies toward
+    label_relations: bool = False       # ... and, per direction, the kinds of object lying that way (multi-label)
     progress: bool = True
 
     def __post_init__(self):
@@ -318,16 +319,15 @@ def _relation_labels() -> tuple[tuple[str, str], ...]:
     return tuple((d, k) for d in RELATION_DIRECTIONS for k in kinds)
 
 
-RELATION_DIRECTIONS = ("left", "right", "above", "below")
+RELATION_DIRECTIONS = tuple(RELATIONS)      # left, right, above, below
 RELATION_LABELS = _relation_labels()
+_RELATION_INDEX = {label: i for i, label in enumerate(RELATION_LABELS)}
 
 
 def relation_targets(scene) -> list[list[float]]:
     """Per object of the scene, in order: the relation head's multi-hot target. Label (d, kind) is 1
     when some other object of that kind lies in direction d of this one, by the grid columns / rows
     relation questions compare (data.language.RELATIONS)."""
-    from ..data.language import RELATIONS
-    index = {label: i for i, label in enumerate(RELATION_LABELS)}
     out = []
     for o in scene.objects:
         row = [0.0] * len(RELATION_LABELS)
@@ -336,7 +336,8 @@ def relation_targets(scene) -> list[list[float]]:
                 continue
             for d in RELATION_DIRECTIONS:
                 if RELATIONS[d](o, other):
-                    row[index[(d, other.shape)]] = row[index[(d, f"{other.color} {other.shape}")]] = 1.0
+                    row[_RELATION_INDEX[(d, other.shape)]] = 1.0
+                    row[_RELATION_INDEX[(d, f"{other.color} {other.shape}")]] = 1.0
         out.append(row)
     return out
 
@@ -406,9 +407,6 @@ class CaptionBatcher:
                       for b, scene in enumerate(scenes) for o in scene.objects]
             patch_pool = _mean_pool([[j] for idx in inside for j in idx], len(scenes) * P)
             patch_objects = [o for o, idx in zip(objects, inside) for _ in idx]
-            patch_relations = ([row for scene in scenes for row in relation_targets(scene)]
-                               if self.cfg.label_relations else [])
-            patch_relations = [row for row, idx in zip(patch_relations, inside) for _ in idx]
         if self.cfg.attribute_weight > 0:
             if self.cfg.attribute_pooling == "patch":
                 attr_pool, objects = patch_pool, patch_objects
@@ -427,8 +425,9 @@ class CaptionBatcher:
                        for a, v in _attributes()}
             if self.cfg.label_cells:
                 targets["cell"] = (patch_pool, torch.tensor([_cells().index(o.cell) for o in patch_objects]))
-            if self.cfg.label_relations:
-                targets["relation"] = (patch_pool, torch.tensor(patch_relations))
+            if self.cfg.label_relations:     # one row per object, repeated for each of its patches
+                rows = [row for scene in scenes for row in relation_targets(scene)]
+                targets["relation"] = (patch_pool, torch.tensor([row for row, idx in zip(rows, inside) for _ in idx]))
             characters = self._characters(scenes, centres=True) if self.cfg.label_chars else []
             glyphs = [(j, ch) for idx, ch in characters for j in idx]
             if glyphs:     # every patch inside a rendered character names the character
