@@ -206,7 +206,8 @@ def test_a_relation_thought_places_both_objects_and_decides_the_answer(examples)
             relations += 1
             m = re.fullmatch(RELATION_RE, q.question)
             t = re.fullmatch(r"the (.+?) is ((?:at|on|in) the [a-z ]+?), (column|row) ([1-3]), and "
-                             r"the (.+?) is ((?:at|on|in) the [a-z ]+?), (column|row) ([1-3])", q.thought)
+                             r"the (.+?) is ((?:at|on|in) the [a-z ]+?), (column|row) ([1-3]); "
+                             r"is ([1-3]) less than ([1-3])\?", q.thought)
             assert m and t, q
             assert (t.group(1), t.group(5)) == (m.group(1), m.group(3))          # named as the question names them
             a, b = the_one(ex.scene, m.group(1)), the_one(ex.scene, m.group(3))
@@ -220,6 +221,10 @@ def test_a_relation_thought_places_both_objects_and_decides_the_answer(examples)
             na, nb = int(t.group(4)), int(t.group(8))
             holds = {"left": na < nb, "right": na > nb, "above": na < nb, "below": na > nb}[rel]
             assert q.answer == ("yes" if holds else "no")
+            # the last step asks one comparison, always "less than": its answer is the question's
+            x, y = int(t.group(9)), int(t.group(10))
+            assert (x, y) == ((na, nb) if rel in ("left", "above") else (nb, na))
+            assert q.answer == ("yes" if x < y else "no")
     assert relations > 50
 
 

@@ -190,13 +190,22 @@ RELATIONS = {
 
 def relation_thought(rel: str, a: ShapeObject, ref_a: str, b: ShapeObject, ref_b: str) -> str:
     """Where the two objects of a relation question are, each in the captions' words and then as the
-    number of its column (left / right) or row (above / below), counted from 1 at the left or top:
-    "the circle is at the top left, column 1, and the square is on the right, column 3". The answer is
-    then a comparison of the two numbers, and each step reads only what the step before it wrote (with
-    the cells alone, a text LM that had learnt the lookups answered at chance: README)."""
+    number of its column (left / right) or row (above / below), counted from 1 at the left or top, then
+    the one comparison that decides the answer, always asked one way round: "the circle is at the top
+    left, column 1, and the square is on the right, column 3; is 1 less than 3?" ("Is the circle left
+    of the square?": yes). For right and below the two numbers swap places in that last question.
+
+    Each step reads only what the step before it wrote. With cells alone, a text LM that had learnt the
+    lookups answered at chance; with the two numbers and the relation's word at the end ("so 1 left of
+    3"), it learnt slowly (72 % after 924 steps), since left / right and above / below are mirror images
+    and no single word says yes or no; with "is x less than y?" it answered 92 % after one pass of 231
+    steps (README, "Relations: one comparison, one way round")."""
     axis = "column" if rel in ("left", "right") else "row"
-    return ", and ".join(f"the {ref} is {LOCATION_PHRASES[o.cell]}, {axis} {getattr(o, axis[:3]) + 1}"
-                         for o, ref in ((a, ref_a), (b, ref_b)))
+    na, nb = getattr(a, axis[:3]) + 1, getattr(b, axis[:3]) + 1
+    x, y = (na, nb) if rel in ("left", "above") else (nb, na)
+    places = ", and ".join(f"the {ref} is {LOCATION_PHRASES[o.cell]}, {axis} {getattr(o, axis[:3]) + 1}"
+                           for o, ref in ((a, ref_a), (b, ref_b)))
+    return f"{places}; is {x} less than {y}?"
 
 
 def _position(scene: Scene, rng: random.Random) -> list[Question]:
