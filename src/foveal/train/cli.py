@@ -176,7 +176,10 @@ def add_train_parser(sub) -> None:
                    help="share of the budget for the dense word alignment of the projector before stage 1 "
                         "(train/dense.py; default: the recipe's, 0 = none)")
     p.add_argument("--relation-thoughts", action="store_true",
-                   help="relation answers open with a thought of where the two objects are (measured no better)")
+                   help="relation answers open with a thought: where the two objects are, then one comparison")
+    p.add_argument("--plain-first-share", type=float, default=None,
+                   help="with --relation-thoughts: share of stage 2 trained on bare relation answers first "
+                        "(default: the recipe's)")
     p.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one setting of one stage (clip, lm, dense, align, instruct), as that stage's own "
                         "command names it, e.g. clip.attribute_weight=3; repeatable")
@@ -308,7 +311,8 @@ def stage_options(options: list[str]) -> dict[str, dict]:
 def cmd_recipe(args) -> int:
     from .recipe import RecipeConfig, run_recipe
     sizes = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size),
-                               ("dense_share", args.dense_share)) if v is not None}
+                               ("dense_share", args.dense_share),
+                               ("plain_first_share", args.plain_first_share)) if v is not None}
     summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
                                       save_dtype=args.save_dtype, progress=not args.no_progress,

@@ -101,6 +101,11 @@ class RecipeConfig:
     # a relation question's answer opens with where its two objects are, as a thought; off: measured no
     # better in two whole runs (README, "Relation thoughts")
     relation_thoughts: bool = False
+    # with relation_thoughts: the share of stage 2's time trained first on bare relation answers, before the
+    # records with thoughts take over at `thoughts_lr_scale` of stage 2's learning rates (0: thoughts from the
+    # start). Stage 2 has to find the lookup of an object by its name before a thought can use it.
+    plain_first_share: float = 0.0
+    thoughts_lr_scale: float = 0.3
     # budget shares (of the whole recipe)
     clip_share: float = 0.15
     lm_share: float = 0.22
@@ -123,6 +128,10 @@ class RecipeConfig:
             raise ConfigError(f"--minutes-budget must be > 0, got {self.minutes}")
         if self.eval_scenes < 1:
             raise ConfigError("eval-scenes must be >= 1")
+        if not 0 <= self.plain_first_share < 1:
+            raise ConfigError(f"--plain-first-share must be within [0, 1), got {self.plain_first_share}")
+        if not 0 < self.thoughts_lr_scale <= 10:
+            raise ConfigError(f"thoughts_lr_scale must be within (0, 10], got {self.thoughts_lr_scale}")
         if not 0 <= self.dense_share < 1:
             raise ConfigError(f"--dense-share must be within [0, 1), got {self.dense_share}")
         if self.patch_size < 1 or self.image_size % self.patch_size:
@@ -182,12 +191,16 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     world = WorldConfig(image_size=cfg.image_size)
     data_dir, eval_dir = out / "data" / "train", out / "data" / "heldout"
     n_train = cfg.train_scenes or int(min(16000, max(200, cfg.minutes * 300)))
+    two_phase = cfg.relation_thoughts and cfg.plain_first_share > 0
     if "data" in cfg.stages:
         t0 = time.perf_counter()
         _say(f"data: {n_train} training scenes (seed {cfg.seed}), {cfg.eval_scenes} held-out scenes (seed {EVAL_SEED})")
         write_dataset(data_dir, n_train, cfg.seed, world, ("captions", "instruct", "documents"),
                       relation_thoughts=cfg.relation_thoughts)
         add_short_answer_instruction(data_dir / "llava_instruct.json", 0.3, cfg.seed)
+        if two_phase:
+            write_instruct_records(data_dir / PLAIN_INSTRUCT, n_train, cfg.seed, world)
+            add_short_answer_instruction(data_dir / PLAIN_INSTRUCT, 0.3, cfg.seed)
         write_dataset(eval_dir, cfg.eval_scenes, EVAL_SEED, world, ("vqa", "pope"))
         stage_done("data", t0, train_scenes=n_train, eval_scenes=cfg.eval_scenes)
 
@@ -262,6 +275,17 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                             lr_projector=cfg.lr_projector, lr_lm=cfg.lr_lm, train_vision=True,
                             lr_vision=cfg.lr_vision, warmup_ratio=0.02, max_minutes=minutes, group_by_length=True,
                             weight_decay=0.0, seed=cfg.seed, save_dtype=cfg.save_dtype, progress=cfg.progress)
+        if two_phase:
+            first = {**settings, "data": str(data_dir / PLAIN_INSTRUCT), "output_dir": str(out / "instruct-plain"),
+                     "max_minutes": minutes * cfg.plain_first_share}
+            plain = train(TrainConfig(**first))
+            stage_done("instruct-plain", t0, steps=len(plain.steps), final_loss=round(plain.losses[-1], 4),
+                       examples=len(plain.steps) * settings["batch_size"])
+            t0 = time.perf_counter()
+            scale = cfg.thoughts_lr_scale
+            settings = {**settings, "model": str(out / "instruct-plain"),
+                        "max_minutes": minutes * (1 - cfg.plain_first_share),
+                        **{k: settings[k] * scale for k in ("lr_projector", "lr_lm", "lr_vision")}}
         result = train(TrainConfig(**settings))
         stage_done("instruct", t0, steps=len(result.steps), final_loss=round(result.losses[-1], 4),
                    examples=len(result.steps) * settings["batch_size"])
@@ -281,6 +305,18 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     _say(f"done in {summary['total_minutes']:.1f} min; model {out / 'model'} "
          f"({summary['model_bytes'] / 1e6:.1f} MB); summary {out / 'recipe.json'}")
     return summary
+
+
+PLAIN_INSTRUCT = "llava_instruct_plain.json"    # stage 2's records with bare relation answers (plain_first_share)
+
+
+def write_instruct_records(path: Path, n: int, seed: int, world) -> None:
+    """The stage-2 records of the first n scenes with bare relation answers, the images being the ones
+    `write_dataset` wrote beside `path` for the same scenes."""
+    from ..data import generate
+    from ..data.export import llava_record
+    records = [llava_record(ex) for ex in generate(n, seed, world, images=False)]
+    path.write_text(json.dumps(records))
 
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
