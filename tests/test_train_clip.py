@@ -449,6 +449,49 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
     assert not (tmp_path / "x").exists()                         # refused before anything ran
 
 
+def test_recipe_can_train_stage_2_on_bare_relation_answers_first_then_on_thoughts(tmp_path):
+    """--plain-first-share: stage 2 runs twice, first on the records with bare relation answers at its own
+    learning rates, then from that model on the records with thoughts at thoughts_lr_scale of them."""
+    from foveal.engine.thinking import split_thinking
+    from foveal.train.recipe import PLAIN_INSTRUCT, RecipeConfig, run_recipe
+    out = tmp_path / "recipe"
+    cfg = RecipeConfig(output_dir=str(out), minutes=0.3, train_scenes=16, eval_scenes=1, progress=False,
+                       relation_thoughts=True, plain_first_share=0.5, vision_width=32, vision_layers=1,
+                       lm_hidden=64, lm_intermediate=96, lm_layers=1, vocab_size=320,
+                       stages=("data", "clip", "lm", "assemble", "align", "instruct"),
+                       extra={"clip": {"max_steps": 2}, "lm": {"max_steps": 2}, "align": {"max_steps": 2, "batch_size": 8},
+                              "instruct": {"max_steps": 2}})
+    summary = run_recipe(cfg)
+    assert {"instruct-plain", "instruct"} <= set(summary["stages"])
+    data = out / "data" / "train"
+    plain, thought = (json.loads((data / name).read_text()) for name in (PLAIN_INSTRUCT, "llava_instruct.json"))
+    assert len(plain) == len(thought) == 16
+    thoughts = 0
+    for p, t in zip(plain, thought):                        # the same turns; only relation answers differ
+        assert (p["image"], [x["value"] for x in p["conversations"] if x["from"] == "human"]) == (
+            t["image"], [x["value"] for x in t["conversations"] if x["from"] == "human"])
+        for pa, ta in zip(p["conversations"][1::2], t["conversations"][1::2]):
+            thinking, answer = split_thinking(ta["value"])
+            assert pa["value"] == answer and "<think>" not in pa["value"]
+            thoughts += bool(thinking)
+    assert thoughts > 0
+    first, second = (json.loads((out / d / "train_config.json").read_text()) for d in ("instruct-plain", "instruct"))
+    assert (first["model"], first["data"]) == (str(out / "align"), str(data / PLAIN_INSTRUCT))
+    assert (second["model"], second["data"]) == (str(out / "instruct-plain"), str(data / "llava_instruct.json"))
+    assert (first["lr_lm"], first["lr_projector"], first["lr_vision"]) == (cfg.lr_lm, cfg.lr_projector, cfg.lr_vision)
+    for key in ("lr_lm", "lr_projector", "lr_vision"):
+        assert second[key] == pytest.approx(first[key] * cfg.thoughts_lr_scale)
+    assert (out / "model" / "model.safetensors").exists()
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="plain-first-share"):
+            RecipeConfig(output_dir="unused", plain_first_share=bad)
+    assert cli_main(["train", "recipe", "shapes", "-o", str(tmp_path / "x"), "--plain-first-share", "2"]) != 0
+    assert not (tmp_path / "x").exists()
+    from foveal.cli import build_parser
+    assert build_parser().parse_args(["train", "recipe", "shapes", "-o", "x", "--plain-first-share", "0.6"]
+                                     ).plain_first_share == 0.6
+
+
 def test_train_clip_command_takes_the_dense_options(tmp_path):
     argv = ["train", "clip", "-o", str(tmp_path), "--image-size", "48", "--width", "32", "--layers", "1",
             "--heads", "2", "--text-width", "32", "--text-layers", "1", "--embed-dim", "16", "--batch-size", "8",

@@ -48,6 +48,12 @@ Design decisions:
 - A share of the instruct questions carries LLaVA's short-answer instruction ("Answer the question
   using a single word or phrase."), as LLaVA-1.5's VQA data does, so `foveal eval`'s default
   prompt and the bare question get the same answers. Descriptions never carry it.
+- Relation thoughts (`--relation-thoughts`) end with "is x less than y?", the two numbers ordered so
+  that "less than" is always the question: the mirror pairs left / right and above / below made the
+  earlier ending ("so 1 left of 3") an XOR no single word predicts, which a text LM learnt slowly.
+  Measured in a whole run: the answer follows the model's own thought every time (109 of 109), so a
+  relation is right when both places are; but that run, and one that trained stage 2 on bare answers
+  first (`--plain-first-share`), did not find the lookup by shape (where ~50 %). Off until it does.
 - Evaluation asks bare questions, greedy, with room for the longest description.
 """
 
@@ -98,8 +104,9 @@ class RecipeConfig:
     clip_region_weight: float = 0.0           # region-phrase contrast
     clip_batch: int = 64
     clip_lr: float = 3e-3
-    # a relation question's answer opens with where its two objects are, as a thought; off: measured no
-    # better in two whole runs (README, "Relation thoughts")
+    # a relation question's answer opens with a thought: where its two objects are, then the one comparison
+    # that decides it. Off: the comparison is then always right, but in two whole runs with it stage 2 did
+    # not find the lookup of an object by its shape (README, "Relations: one comparison, one way round")
     relation_thoughts: bool = False
     # with relation_thoughts: the share of stage 2's time trained first on bare relation answers, before the
     # records with thoughts take over at `thoughts_lr_scale` of stage 2's learning rates (0: thoughts from the
