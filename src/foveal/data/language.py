@@ -203,8 +203,8 @@ def relation_thought(rel: str, a: ShapeObject, ref_a: str, b: ShapeObject, ref_b
     axis = "column" if rel in ("left", "right") else "row"
     na, nb = getattr(a, axis[:3]) + 1, getattr(b, axis[:3]) + 1
     x, y = (na, nb) if rel in ("left", "above") else (nb, na)
-    places = ", and ".join(f"the {ref} is {LOCATION_PHRASES[o.cell]}, {axis} {getattr(o, axis[:3]) + 1}"
-                           for o, ref in ((a, ref_a), (b, ref_b)))
+    places = ", and ".join(f"the {ref} is {LOCATION_PHRASES[o.cell]}, {axis} {number}"
+                           for o, ref, number in ((a, ref_a, na), (b, ref_b, nb)))
     return f"{places}; is {x} less than {y}?"
 
 
