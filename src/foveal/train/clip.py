@@ -77,7 +77,8 @@ Design decisions:
   way (by grid column / row, as relation questions compare). A relation question ("Is the circle
   left of the square?") then asks about one property of the circle's patches, as an existence
   question asks about one patch's colour and shape, instead of a comparison of two looked-up
-  places, which the recipe's 4-layer LM did not learn (README, "Relation thoughts"). Its term
+  places, which the recipe's 4-layer LM did not learn with the thought's first ending (README,
+  "Relation thoughts"; it does with "is x less than y?": "Relations: one comparison"). Its term
   comes on top of the other heads' average, binary cross-entropy summed over a direction's kinds.
   Measured in a whole recipe run it did not help: the stage's loss ended at 1.85 (0.04 without
   the head; the head's term alone would be 4.5 at the label priors), retrieval fell from 88 % to
