@@ -451,12 +451,14 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
 
 def test_recipe_can_train_stage_2_on_bare_relation_answers_first_then_on_thoughts(tmp_path):
     """--plain-first-share: stage 2 runs twice, first on the records with bare relation answers at its own
-    learning rates, then from that model on the records with thoughts at thoughts_lr_scale of them."""
+    learning rates, then from that model on the records with thoughts at thoughts_lr_scale of them.
+    --no-document-thoughts: the LM's scene documents keep bare relation answers."""
     from foveal.engine.thinking import split_thinking
     from foveal.train.recipe import PLAIN_INSTRUCT, RecipeConfig, run_recipe
     out = tmp_path / "recipe"
     cfg = RecipeConfig(output_dir=str(out), minutes=0.3, train_scenes=16, eval_scenes=1, progress=False,
-                       relation_thoughts=True, plain_first_share=0.5, vision_width=32, vision_layers=1,
+                       relation_thoughts=True, document_thoughts=False, plain_first_share=0.5,
+                       vision_width=32, vision_layers=1,
                        lm_hidden=64, lm_intermediate=96, lm_layers=1, vocab_size=320,
                        stages=("data", "clip", "lm", "assemble", "align", "instruct"),
                        extra={"clip": {"max_steps": 2}, "lm": {"max_steps": 2}, "align": {"max_steps": 2, "batch_size": 8},
@@ -475,6 +477,9 @@ def test_recipe_can_train_stage_2_on_bare_relation_answers_first_then_on_thought
             assert pa["value"] == answer and "<think>" not in pa["value"]
             thoughts += bool(thinking)
     assert thoughts > 0
+    documents = (data / "corpus.jsonl").read_text()
+    assert "column" not in documents and "<think>" not in documents and documents.count("\n") == 16
+    assert json.loads((data / "dataset.json").read_text())["document_thoughts"] is False
     first, second = (json.loads((out / d / "train_config.json").read_text()) for d in ("instruct-plain", "instruct"))
     assert (first["model"], first["data"]) == (str(out / "align"), str(data / PLAIN_INSTRUCT))
     assert (second["model"], second["data"]) == (str(out / "instruct-plain"), str(data / "llava_instruct.json"))
@@ -490,6 +495,8 @@ def test_recipe_can_train_stage_2_on_bare_relation_answers_first_then_on_thought
     from foveal.cli import build_parser
     assert build_parser().parse_args(["train", "recipe", "shapes", "-o", "x", "--plain-first-share", "0.6"]
                                      ).plain_first_share == 0.6
+    assert build_parser().parse_args(["train", "recipe", "shapes", "-o", "x", "--relation-thoughts",
+                                      "--no-document-thoughts"]).no_document_thoughts
 
 
 def test_train_clip_command_takes_the_dense_options(tmp_path):

@@ -226,11 +226,13 @@ def write_dataset(
     caption_style: str = "mixed",
     think: bool = False,
     relation_thoughts: bool = False,
+    document_thoughts: bool | None = None,
 ) -> dict[str, Path]:
     """Generate n examples once and write every format in `formats` (plus a manifest
     `dataset.json` recording how to regenerate them). Returns {file role: path}. think and
-    relation_thoughts: see `llava_record` (relation_thoughts applies to the scene documents too; the
-    VQA and POPE files keep bare answers, what an evaluation compares)."""
+    relation_thoughts: see `llava_record` (the VQA and POPE files keep bare answers, what an evaluation
+    compares). document_thoughts: whether the scene documents carry the relation thoughts too (None: as
+    relation_thoughts)."""
     config = config or WorldConfig()
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -238,6 +240,7 @@ def write_dataset(
         raise ConfigError(f"unknown format(s) {unknown or '(none given)'}; choose from {', '.join(FORMATS)}")
     n, seed, start = check_count(n), check_seed(seed), check_seed(start, "start")
     _check(turns=turns, caption_style=caption_style)
+    document_thoughts = relation_thoughts if document_thoughts is None else document_thoughts
     out_dir = _prepare(out_dir, images=any(f not in TEXT_FORMATS for f in formats))
 
     written: dict[str, Path] = {}
@@ -248,7 +251,7 @@ def write_dataset(
         written["corpus"] = out_dir / FILENAMES["corpus"]
     if "documents" in formats:
         with open(out_dir / FILENAMES["documents"], "w", encoding="utf-8") as f:
-            for doc in scene_documents(n, seed, config, start, relation_thoughts):
+            for doc in scene_documents(n, seed, config, start, document_thoughts):
                 f.write(json.dumps({"text": doc}) + "\n")
         written["documents"] = out_dir / FILENAMES["documents"]
     formats = tuple(f for f in formats if f not in TEXT_FORMATS)
@@ -281,7 +284,7 @@ def write_dataset(
 
     manifest = {"generator": "foveal.data", "seed": seed, "start": start, "n": n,
                 "config": asdict(config), "turns": turns, "caption_style": caption_style, "think": think,
-                "relation_thoughts": relation_thoughts,
+                "relation_thoughts": relation_thoughts, "document_thoughts": document_thoughts,
                 "files": {k: p.name for k, p in written.items()}}
     (out_dir / FILENAMES["manifest"]).write_text(json.dumps(manifest, indent=2) + "\n")
     written["manifest"] = out_dir / FILENAMES["manifest"]

@@ -177,6 +177,8 @@ def add_train_parser(sub) -> None:
                         "(train/dense.py; default: the recipe's, 0 = none)")
     p.add_argument("--relation-thoughts", action="store_true",
                    help="relation answers open with a thought: where the two objects are, then one comparison")
+    p.add_argument("--no-document-thoughts", action="store_true",
+                   help="with --relation-thoughts: the LM's scene documents keep bare relation answers")
     p.add_argument("--plain-first-share", type=float, default=None,
                    help="with --relation-thoughts: share of stage 2 trained on bare relation answers first "
                         "(default: the recipe's)")
@@ -317,6 +319,7 @@ def cmd_recipe(args) -> int:
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
                                       save_dtype=args.save_dtype, progress=not args.no_progress,
                                       relation_thoughts=args.relation_thoughts,
+                                      document_thoughts=not args.no_document_thoughts,
                                       extra=stage_options(args.stage_option), **sizes))
     print(json.dumps({k: summary[k] for k in ("total_minutes", "model_bytes", "targets_met") if k in summary}))
     return 0
