@@ -59,7 +59,7 @@ def hf():
     return LlavaForConditionalGeneration.from_pretrained(ASSET_DIR, dtype=torch.float32).eval()
 
 
-def ask(vlm, image, question: str, max_tokens: int = 64):
+def ask(vlm, image, question: str, max_tokens: int = 96):
     return vlm.generate([{"role": "user", "content": [{"type": "image", "image": image},
                                                        {"type": "text", "text": question}]}], max_tokens=max_tokens)
 
@@ -166,7 +166,8 @@ def test_recipe_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert cli_main(["train", "recipe", "shapes", "-o", str(out), "--minutes-budget", "2", "--train-scenes", "64",
                      "--eval-scenes", "4", "--dense-share", "0.05", "--no-progress"]) == 0
     summary = json.loads((out / "recipe.json").read_text())
-    assert list(summary["stages"]) == ["data", "clip", "lm", "assemble", "dense", "align", "instruct", "eval"]
+    assert list(summary["stages"]) == ["data", "clip", "lm", "assemble", "dense", "align", "instruct-plain",
+                                       "instruct", "eval"]
     assert summary["stages"]["dense"]["steps"] > 0
     assert json.loads((out / "align" / "train_config.json").read_text())["model"] == str(out / "dense")
     assert "retrieval" in summary["stages"]["clip"] and summary["model_bytes"] > 0

@@ -412,7 +412,7 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
         with pytest.raises(ConfigError, match=words):
             stage_options([bad])
     # the recipe hands them to the stage over its own settings (here the data and CLIP stages alone)
-    from foveal.train.recipe import RecipeConfig, _options, run_recipe
+    from foveal.train.recipe import PLAIN_INSTRUCT, RecipeConfig, _options, run_recipe
     cfg = RecipeConfig(output_dir="unused", extra=stage_options(["instruct.batch_size=16", "align.lr_projector=2e-3"]))
     assert _options(cfg, "instruct", stage="instruct", batch_size=8, seed=0) == {"stage": "instruct", "batch_size": 16,
                                                                                  "seed": 0}
@@ -430,14 +430,19 @@ def test_recipe_stage_options_override_a_stages_settings_and_bad_ones_are_refuse
     assert (written["label_chars"], written["label_cells"], written["label_relations"]) == (
         recipe.clip_label_chars, recipe.clip_label_cells, recipe.clip_label_relations)
     manifest = json.loads((out / "data" / "train" / "dataset.json").read_text())
-    assert manifest["relation_thoughts"] is recipe.relation_thoughts is False        # off by default
+    # on by default in stage 2's records, off in the LM's documents; the bare records written beside them
+    assert manifest["relation_thoughts"] is recipe.relation_thoughts is True
+    assert manifest["document_thoughts"] is recipe.document_thoughts is False
+    assert "<think>" in (out / "data" / "train" / "llava_instruct.json").read_text()
     assert "<think>" not in (out / "data" / "train" / "corpus.jsonl").read_text()
+    assert "<think>" not in (out / "data" / "train" / PLAIN_INSTRUCT).read_text()
     from foveal.cli import build_parser
-    args = build_parser().parse_args(["train", "recipe", "shapes", "-o", "x", "--relation-thoughts"])
-    assert args.relation_thoughts and not build_parser().parse_args(
-        ["train", "recipe", "shapes", "-o", "x"]).relation_thoughts
+    parse = build_parser().parse_args
+    assert parse(["train", "recipe", "shapes", "-o", "x"]).relation_thoughts is None      # None: the recipe's
+    assert parse(["train", "recipe", "shapes", "-o", "x", "--no-relation-thoughts"]).relation_thoughts is False
+    assert parse(["train", "recipe", "shapes", "-o", "x", "--document-thoughts"]).document_thoughts is True
     run_recipe(RecipeConfig(output_dir=str(tmp_path / "rel"), minutes=0.2, train_scenes=16, eval_scenes=1,
-                            progress=False, stages=("data",), relation_thoughts=True))
+                            progress=False, stages=("data",), document_thoughts=True))
     assert "<think>" in (tmp_path / "rel" / "data" / "train" / "llava_instruct.json").read_text()
     assert "<think>" in (tmp_path / "rel" / "data" / "train" / "corpus.jsonl").read_text()
     assert "<think>" not in (tmp_path / "rel" / "data" / "heldout" / "vqa_annotations.json").read_text()
@@ -496,7 +501,7 @@ def test_recipe_can_train_stage_2_on_bare_relation_answers_first_then_on_thought
     assert build_parser().parse_args(["train", "recipe", "shapes", "-o", "x", "--plain-first-share", "0.6"]
                                      ).plain_first_share == 0.6
     assert build_parser().parse_args(["train", "recipe", "shapes", "-o", "x", "--relation-thoughts",
-                                      "--no-document-thoughts"]).no_document_thoughts
+                                      "--no-document-thoughts"]).document_thoughts is False
 
 
 def test_train_clip_command_takes_the_dense_options(tmp_path):

@@ -165,7 +165,7 @@ def add_train_parser(sub) -> None:
                                        "write a ready model")
     p.add_argument("name", choices=("shapes",), help="recipe: shapes (the bundled model's world)")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--minutes-budget", type=float, default=55.0, help="whole-recipe time budget (default 55)")
+    p.add_argument("--minutes-budget", type=float, default=59.0, help="whole-recipe time budget (default 59)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-scenes", type=int, default=150, help="held-out scenes (~16 questions each)")
     p.add_argument("--train-scenes", type=int, default=None, help="training scenes (default: scaled to the budget)")
@@ -175,13 +175,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("--dense-share", type=float, default=None,
                    help="share of the budget for the dense word alignment of the projector before stage 1 "
                         "(train/dense.py; default: the recipe's, 0 = none)")
-    p.add_argument("--relation-thoughts", action="store_true",
-                   help="relation answers open with a thought: where the two objects are, then one comparison")
-    p.add_argument("--no-document-thoughts", action="store_true",
-                   help="with --relation-thoughts: the LM's scene documents keep bare relation answers")
+    p.add_argument("--relation-thoughts", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 2's relation answers open with a thought: where the two objects are, then one "
+                        "comparison (default: on)")
+    p.add_argument("--document-thoughts", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --relation-thoughts: the LM's scene documents carry the thoughts too (default: off)")
     p.add_argument("--plain-first-share", type=float, default=None,
                    help="with --relation-thoughts: share of stage 2 trained on bare relation answers first "
-                        "(default: the recipe's)")
+                        "(default: the recipe's, 0.66)")
     p.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one setting of one stage (clip, lm, dense, align, instruct), as that stage's own "
                         "command names it, e.g. clip.attribute_weight=3; repeatable")
@@ -312,14 +313,14 @@ def stage_options(options: list[str]) -> dict[str, dict]:
 
 def cmd_recipe(args) -> int:
     from .recipe import RecipeConfig, run_recipe
-    sizes = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size),
+    chosen = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size),
                                ("dense_share", args.dense_share),
-                               ("plain_first_share", args.plain_first_share)) if v is not None}
+                               ("plain_first_share", args.plain_first_share),
+                               ("relation_thoughts", args.relation_thoughts),
+                               ("document_thoughts", args.document_thoughts)) if v is not None}
     summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
                                       save_dtype=args.save_dtype, progress=not args.no_progress,
-                                      relation_thoughts=args.relation_thoughts,
-                                      document_thoughts=not args.no_document_thoughts,
-                                      extra=stage_options(args.stage_option), **sizes))
+                                      extra=stage_options(args.stage_option), **chosen))
     print(json.dumps({k: summary[k] for k in ("total_minutes", "model_bytes", "targets_met") if k in summary}))
     return 0
