@@ -130,11 +130,15 @@ def agreement(reference, other, questions) -> float:
 
 @pytest.fixture(scope="module")
 def quant_questions():
-    return held_out_questions(n=70, per_type=10, scenes=40)
+    return held_out_questions(n=200, per_type=29, scenes=200)
 
 
-# Measured on the shipped model of 2026-11-30 (96.2 %; 70 held-out questions, whole greedy answers of up to
-# 48 tokens): F16, Q8_0, int8 100 %, Q4_0, int4 98.6 %. On the one before it (93.6 %): F16, Q8_0, int8,
+# Measured on the shipped model (98.5 %, 2026-11-30; 200 held-out questions, whole greedy answers of up to
+# 48 tokens, a relation's thought included): F16, int8 100 %, Q8_0 99.5 %, Q4_0 99.0 %, int4 98.5 %. Q8_0's
+# one change is a description on which the float32 model named one object twice and Q8_0 got it right: a
+# near-tie. On 70 questions that one change alone was 98.6 %, under Q8_0's floor, hence 200.
+# On the one before it (96.2 %; 70 questions): F16, Q8_0, int8 100 %, Q4_0, int4 98.6 %.
+# On the one before that (93.6 %): F16, Q8_0, int8,
 # int4 100 %, Q4_0 98.6 %. On the model before that (78.1 %):
 # F16 100 %, Q8_0 100 % (97.1 % with the head in Q8_0 too: one first-token change, one description;
 # the export now keeps the head in F16 under q8_0), Q4_0 90.0 %, int8 100 %,
@@ -146,7 +150,7 @@ def quant_questions():
 def test_gguf_exports_agree_with_the_bundled_model(ours, quant_questions, tmp_path, kind, floor):
     """Greedy answers of the llama.cpp-format exports against the float32 original: Q8_0 >= 99 %,
     Q4_0 >= 90 % identical token sequences (issue: "Use the models people already have")."""
-    assert len(quant_questions) >= 60
+    assert len(quant_questions) >= 190
     assert cli_main(["export", str(ASSET_DIR), "--gguf", str(tmp_path), "--type", kind]) == 0
     model = next(p for p in tmp_path.glob("*.gguf") if "mmproj" not in p.name)
     mmproj = next(p for p in tmp_path.glob("*.gguf") if "mmproj" in p.name)
