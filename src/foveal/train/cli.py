@@ -314,10 +314,10 @@ def stage_options(options: list[str]) -> dict[str, dict]:
 def cmd_recipe(args) -> int:
     from .recipe import RecipeConfig, run_recipe
     chosen = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size),
-                               ("dense_share", args.dense_share),
-                               ("plain_first_share", args.plain_first_share),
-                               ("relation_thoughts", args.relation_thoughts),
-                               ("document_thoughts", args.document_thoughts)) if v is not None}
+                                ("dense_share", args.dense_share),
+                                ("plain_first_share", args.plain_first_share),
+                                ("relation_thoughts", args.relation_thoughts),
+                                ("document_thoughts", args.document_thoughts)) if v is not None}
     summary = run_recipe(RecipeConfig(output_dir=args.output, minutes=args.minutes_budget, seed=args.seed,
                                       eval_scenes=args.eval_scenes, train_scenes=args.train_scenes,
                                       save_dtype=args.save_dtype, progress=not args.no_progress,
