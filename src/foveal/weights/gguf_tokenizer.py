@@ -6,8 +6,9 @@ tokenizer.json from it; `vocab_from_tokenizer` is the reverse, for writing.
 Design decisions
 - Two llama.cpp vocabularies are handled, the ones LLaVA-family LMs use. `llama`
   (SentencePiece BPE: `▁`-spelled pieces, scores, token types, `<0xXX>` byte pieces) becomes a
-  BPE model with byte fallback behind a Metaspace pre-tokenizer, as transformers' LlamaTokenizer
-  builds it. `gpt2` (byte-level BPE with merges) becomes a BPE model behind the split regex that
+  BPE model with byte fallback behind transformers' legacy Llama normalizer (Prepend("▁") +
+  Replace(" ", "▁")), which prefixes `▁` even to text that starts with a space, as SentencePiece
+  and llama.cpp do. `gpt2` (byte-level BPE with merges) becomes a BPE model behind the split regex that
   `tokenizer.ggml.pre` names, then ByteLevel.
 - SentencePiece GGUFs carry scores, not merges. The merges are rebuilt from the scores: every
   split of a NORMAL piece into two NORMAL pieces, best score first (transformers'
@@ -273,9 +274,12 @@ def _sentencepiece_tokenizer(vocab: GGUFVocab, ids: dict[str, int]) -> Tokenizer
         models.BPE(vocab=ids, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     )
     add_prefix = True if vocab.add_space_prefix is None else vocab.add_space_prefix
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=SPIECE_UNDERLINE, prepend_scheme="first" if add_prefix else "never", split=False
-    )
+    # transformers' legacy Llama form, not a Metaspace pre-tokenizer: Metaspace skips the `▁`
+    # when the text already starts with a space (" Hello" -> "▁Hello"), SentencePiece and
+    # llama.cpp always add it ("▁▁Hello"), and after every added token too, as this does
+    # (llama.cpp's `is_prev_special`, llama-vocab.cpp).
+    prepend = [normalizers.Prepend(SPIECE_UNDERLINE)] if add_prefix else []
+    tokenizer.normalizer = normalizers.Sequence([*prepend, normalizers.Replace(" ", SPIECE_UNDERLINE)])
     steps = [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
