@@ -69,7 +69,9 @@ def sentencepiece_style_tokenizer() -> Tokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = generate_merges({p: vocab[p] for p in pieces}, {p: -float(vocab[p]) for p in pieces})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    # Llama 2's tokenizer.json form: `▁` before every text segment, as SentencePiece and llama.cpp
+    # (a Metaspace pre-tokenizer skips it when the text starts with a space)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", "<s>", "</s>", "<image>"]])
