@@ -18,9 +18,11 @@ Design decisions
 - On write, a SentencePiece piece's score is minus the rank of the first merge that makes it,
   so llama.cpp's "best-scoring bigram first" picks merges in BPE's order.
 - The split regex is the one thing a GGUF names rather than stores: `tokenizer.ggml.pre` is a
-  key into llama.cpp's table. Reading maps the name to the tokenizer.json regex (unknown names
-  fall back to GPT-2's with a warning, llama.cpp's "default" is reproduced); writing maps the
-  regex back to a name and refuses one llama.cpp would not reproduce.
+  key into llama.cpp's table. Reading maps the name to the tokenizer.json regex, llama.cpp's
+  "default" included, and refuses an unknown name: splitting like GPT-2 instead gives wrong ids
+  without a sign, so that fallback is only taken when asked for (`pre_fallback`, or the
+  FOVEAL_GGUF_PRE_FALLBACK=1 environment variable for `foveal.load`). Writing maps the regex
+  back to a name and refuses one llama.cpp would not reproduce.
 - Every GGUF token keeps its id (llama.cpp's `[PADn]` fillers included), so ids stay
   contiguous; CONTROL tokens become special added tokens, USER_DEFINED ones plain added tokens,
   both matched whole and unnormalized, as llama.cpp matches them.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -60,6 +63,10 @@ GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 TEKKEN_SPLIT = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
@@ -69,6 +76,18 @@ TEKKEN_SPLIT = (
 _GPT2_NO_TRAILING_WS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_NO_TRAILING_WS, r"\p{N}+", r"[0-9][0-9][0-9]")
 _STARCODER_SPLITS = (r"\p{N}", _GPT2_NO_TRAILING_WS)
+_FALCON_SPLITS = (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_NO_TRAILING_WS, r"[0-9][0-9][0-9]")
+_CJK = r"[一-龥ࠀ-一가-퟿]+"
+# deepseek-llm's letters (Latin, Greek, Cyrillic, ...) as ranges, copied from llama-vocab.cpp
+_DEEPSEEK_LLM_SPLITS = (
+    r"[\r\n]",
+    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    r"\s+$",
+    _CJK,
+    r"\p{N}+",
+)
+_DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,10 @@ PRE_TOKENIZERS = {
     "tekken": _PreTokenizer((TEKKEN_SPLIT,), ignore_merges=True),
     **dict.fromkeys(["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
                      "minerva-7b"], _PreTokenizer(_STARCODER_SPLITS)),
+    "falcon": _PreTokenizer(_FALCON_SPLITS),
+    "deepseek-llm": _PreTokenizer(_DEEPSEEK_LLM_SPLITS),
+    "deepseek-coder": _PreTokenizer(_DEEPSEEK_CODER_SPLITS),
+    "qwen35": _PreTokenizer((QWEN35_SPLIT,)),
     "default": _PreTokenizer(_DEFAULT_SPLITS),
 }
 # tokenizer.json split regex -> the name written to tokenizer.ggml.pre.
@@ -103,6 +126,8 @@ PRE_NAME_BY_SPLIT = {
     GPT4O_SPLIT: "gpt-4o",
     TEKKEN_SPLIT: "tekken",
 }
+
+PRE_FALLBACK_ENV = "FOVEAL_GGUF_PRE_FALLBACK"  # "1": split an unknown tokenizer.ggml.pre like GPT-2
 
 SPIECE_UNDERLINE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -218,8 +243,10 @@ def add_image_token(vocab: GGUFVocab, tokenizer_json: str) -> tuple[int, str]:
 
 
 # --- GGUF -> tokenizer.json -------------------------------------------------------------
-def tokenizer_from_vocab(vocab: GGUFVocab) -> tuple[str, dict[str, Any]]:
-    """Build (tokenizer.json text, tokenizer_config dict) from a GGUF vocabulary."""
+def tokenizer_from_vocab(vocab: GGUFVocab, *, pre_fallback: bool | None = None) -> tuple[str, dict[str, Any]]:
+    """Build (tokenizer.json text, tokenizer_config dict) from a GGUF vocabulary.
+    `pre_fallback`: split text like GPT-2 when tokenizer.ggml.pre names a pre-tokenizer foveal
+    does not know, instead of refusing (None: as the FOVEAL_GGUF_PRE_FALLBACK variable says)."""
     n = len(vocab.tokens)
     if len(vocab.token_types) != n or (vocab.scores is not None and len(vocab.scores) != n):
         raise WeightsError("tokenizer.ggml.tokens, token_type and scores differ in length")
@@ -230,7 +257,9 @@ def tokenizer_from_vocab(vocab: GGUFVocab) -> tuple[str, dict[str, Any]]:
         if vocab.model == "llama":
             tokenizer = _sentencepiece_tokenizer(vocab, ids)
         elif vocab.model == "gpt2":
-            tokenizer = _byte_level_tokenizer(vocab, ids)
+            if pre_fallback is None:
+                pre_fallback = os.environ.get(PRE_FALLBACK_ENV, "").strip().lower() in ("1", "true", "yes")
+            tokenizer = _byte_level_tokenizer(vocab, ids, pre_fallback)
         else:
             raise UnsupportedModelError(
                 f"GGUF tokenizer model {vocab.model!r} is not supported (foveal reads 'llama' "
@@ -309,12 +338,20 @@ def merges_from_scores(
     return [(left, right) for left, right, _ in merges]
 
 
-def _byte_level_tokenizer(vocab: GGUFVocab, ids: dict[str, int]) -> Tokenizer:
+def _byte_level_tokenizer(vocab: GGUFVocab, ids: dict[str, int], pre_fallback: bool) -> Tokenizer:
     if vocab.merges is None:
         raise WeightsError("a byte-level (gpt2) GGUF vocabulary needs tokenizer.ggml.merges")
     pre = PRE_TOKENIZERS.get(vocab.pre or "default")
+    if pre is None and not pre_fallback:
+        raise UnsupportedModelError(
+            f"the GGUF's tokenizer.ggml.pre {vocab.pre!r} names a pre-tokenizer foveal does not know, "
+            f"so its text would be split into the wrong tokens (supported: "
+            f"{', '.join(sorted(PRE_TOKENIZERS))}); set {PRE_FALLBACK_ENV}=1 to split it like GPT-2 "
+            f"anyway, with token ids that may differ from the model's own"
+        )
     if pre is None:
-        log.warning("unknown tokenizer.ggml.pre %r: splitting text like GPT-2", vocab.pre)
+        log.warning("unknown tokenizer.ggml.pre %r: splitting text like GPT-2, as asked; token ids "
+                    "may differ from the model's own", vocab.pre)
         pre = _GPT2
     tokenizer = Tokenizer(
         models.BPE(
