@@ -6,10 +6,16 @@ float32 and compares outputs; each error test checks the typed error and what it
 
 from __future__ import annotations
 
+import json
+import warnings
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from foveal.errors import ConfigError, ImageError
+from foveal.models.families.qwen2_vl import processor as qp
 from foveal.models.families.qwen2_vl.config import QwenVisionConfig, mrope_section
 from foveal.models.families.qwen2_vl.vision import QwenVisionTower
 
@@ -163,3 +169,171 @@ def test_vision_tower_geometry_errors(towers):
         ours(torch.zeros(24, dim), torch.tensor([1, 4, 6]))
     with pytest.raises(ImageError, match="empty side"):
         ours(torch.zeros(0, dim), torch.tensor([[0, 4, 6]]))
+
+
+# ----------------------------------------------------------------------------- processor
+
+# odd sizes and aspect ratios; 20x30 is below min_pixels, 3000x2000 above max_pixels, 28x5000 is 178:1
+IMAGE_SIZES = [(37, 53), (300, 451), (20, 30), (3000, 2000), (28, 5000), (1, 150), (451, 300)]
+
+
+def _noise(height: int, width: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("min_pixels, max_pixels", [(None, None), (3136, 12845056), (256 * 28 * 28, 512 * 28 * 28)])
+@pytest.mark.parametrize("height, width", [(h, w) for h in range(1, 400, 37) for w in (1, 29, 55, 310)]
+                         + [(3000, 2000), (28, 5000), (10000, 51)])
+def test_smart_resize_matches_transformers(height, width, min_pixels, max_pixels):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    budget = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    if max(height, width) / min(height, width) > 200:
+        with pytest.raises(ValueError):
+            smart_resize(height, width, **budget)
+        with pytest.raises(ImageError, match="aspect ratio .* over the limit of 200"):
+            qp.smart_resize(height, width, **budget)
+    else:
+        assert qp.smart_resize(height, width, **budget) == smart_resize(height, width, **budget)
+
+
+def test_auto_image_processor_without_torchvision_is_the_pil_backend(tmp_path):
+    pytest.importorskip("transformers")
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed: transformers picks its torchvision backend")
+    except ImportError:
+        pass
+    from transformers import AutoImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN2_VL_PREPROCESSOR))
+    hf = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "Qwen2VLImageProcessorPil"
+    image = _noise(600, 900)
+    expected = hf(image, return_tensors="pt")
+    pixels, grid = qp.process_image(image, qp.QwenProcessorConfig.from_hf(QWEN2_VL_PREPROCESSOR))
+    assert torch.equal(pixels, expected["pixel_values"]) and torch.equal(grid, expected["image_grid_thw"])
+
+
+# Qwen/Qwen2-VL-7B-Instruct's preprocessor_config.json (max_pixels far above the class default)
+QWEN2_VL_PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+@pytest.mark.parametrize("budget", [{}, {"min_pixels": 64 * 28 * 28, "max_pixels": 96 * 28 * 28}])
+def test_process_image_equals_the_hf_image_processor(budget):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    hf = Qwen2VLImageProcessorPil(**budget)
+    images = [_noise(h, w, seed=i) for i, (h, w) in enumerate(IMAGE_SIZES)]
+    for image in images:
+        expected = hf(image, return_tensors="pt")
+        pixels, grid = qp.process_image(image, **budget)
+        assert torch.equal(grid, expected["image_grid_thw"])
+        assert torch.equal(pixels, expected["pixel_values"])  # bit for bit
+        h, w = image.height, image.width
+        assert qp.image_token_count(h, w, **budget) == hf.get_number_of_image_patches(h, w) // 4
+    pixels, grids = qp.process_images(images, **budget)  # several at once: concatenated in order
+    expected = hf(images, return_tensors="pt")
+    assert torch.equal(grids, expected["image_grid_thw"]) and torch.equal(pixels, expected["pixel_values"])
+
+
+def test_process_image_converts_modes_as_hf_does():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rgba = np.random.default_rng(3).integers(0, 256, (61, 47, 4), dtype=np.uint8)
+    for image in (Image.fromarray(rgba), Image.fromarray(rgba[..., 0]).convert("L")):
+        expected = Qwen2VLImageProcessorPil()(image, return_tensors="pt")
+        pixels, grid = qp.process_image(image)
+        assert torch.equal(pixels, expected["pixel_values"]) and torch.equal(grid, expected["image_grid_thw"])
+
+
+def test_token_counts_and_budget():
+    assert qp.image_token_count(448, 448) == 256                   # (448/28)^2
+    assert qp.image_grid(448, 448) == (1, 32, 32)
+    assert qp.smart_resize(20, 30) == (56, 84)                      # raised to min_pixels
+    assert qp.image_token_count(20, 30) == 6
+    assert qp.smart_resize(3000, 2000) == (1204, 812)                # capped at max_pixels
+    assert qp.image_token_count(3000, 2000) == 43 * 29
+    assert qp.image_token_count(3000, 2000, max_pixels=256 * 28 * 28) <= 256
+    assert qp.image_token_count(100, 100, min_pixels=1024 * 28 * 28) >= 1024
+
+
+def test_config_from_hf_reads_size_and_pixel_keys():
+    cfg = qp.QwenProcessorConfig.from_hf({"size": {"shortest_edge": 1000, "longest_edge": 20000}})
+    assert (cfg.min_pixels, cfg.max_pixels) == (1000, 20000)
+    cfg = qp.QwenProcessorConfig.from_hf({"size": {"shortest_edge": 1000, "longest_edge": 20000},
+                                          "max_pixels": 30000})
+    assert (cfg.min_pixels, cfg.max_pixels) == (1000, 30000)  # min/max_pixels win, as in HF's __init__
+    assert qp.QwenProcessorConfig.from_hf({}, video=True).max_pixels == 28 * 28 * 768
+    with pytest.raises(ConfigError, match="min_pixels=5000 is above max_pixels=4000"):
+        qp.QwenProcessorConfig.from_hf({"min_pixels": 5000, "max_pixels": 4000})
+    with pytest.raises(ConfigError, match="image_mean needs one value per RGB channel"):
+        qp.QwenProcessorConfig.from_hf({"image_mean": [0.5, 0.5]})
+
+
+@pytest.mark.parametrize("height, width, named", [
+    (1, 1, "1x1 pixels, too small"),
+    (0, 40, "40x0 pixels, too small"),
+    (2, 500, "aspect ratio 250.0 is over the limit of 200"),
+])
+def test_image_errors(height, width, named):
+    with pytest.raises(ImageError, match=named):
+        qp.image_token_count(height, width)
+    if height:
+        with pytest.raises(ImageError, match=named):
+            qp.process_image(_noise(height, width))
+
+
+def _hf_video_processor():
+    pytest.importorskip("torchvision", reason="transformers' Qwen2-VL video processor needs torchvision")
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor()
+
+
+@pytest.mark.parametrize("n_frames, size", [(5, (90, 130)), (4, (500, 333)), (1, (64, 64))])
+def test_process_video_equals_the_hf_video_processor(n_frames, size):
+    hf = _hf_video_processor()
+    frames = [_noise(*size, seed=i) for i in range(n_frames)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = hf(videos=[frames], return_tensors="pt", cap_pixels_per_frame=False)
+    got = qp.process_video(frames)
+    assert torch.equal(got.grid_thw, expected["video_grid_thw"])  # 5 frames -> padded to 6: t = 3
+    assert torch.equal(got.pixel_values, expected["pixel_values_videos"])
+
+
+def test_process_video_samples_by_fps_and_num_frames_as_hf():
+    hf = _hf_video_processor()
+    frames = [_noise(70, 100, seed=i) for i in range(20)]
+    for sampling in ({"fps": 2}, {"num_frames": 7}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = hf(videos=[frames], return_tensors="pt", cap_pixels_per_frame=False, do_sample_frames=True,
+                          video_metadata=[{"fps": 5, "total_num_frames": 20}], return_metadata=True, **sampling)
+        got = qp.process_video(frames, source_fps=5, **sampling)
+        meta = expected["video_metadata"][0]
+        assert got.frame_indices == list(meta.frames_indices)
+        assert got.second_per_grid == 2 / meta.sampled_fps  # Qwen2_5_VLProcessor's second_per_grid_ts
+        assert torch.equal(got.grid_thw, expected["video_grid_thw"])
+        assert torch.equal(got.pixel_values, expected["pixel_values_videos"])
+
+
+def test_sample_frame_indices_and_video_errors():
+    assert qp.sample_frame_indices(20, 2, source_fps=5, fps=2) == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert qp.sample_frame_indices(9, 2, num_frames=4) == [0, 2, 4, 6]
+    # 3 frames -> 4 (last one repeated); 56x56 is raised to the video min_pixels (128 tokens): 336x336
+    assert qp.process_video([_noise(56, 56)] * 3).grid_thw.tolist() == [[2, 24, 24]]
+    with pytest.raises(ImageError, match="needs the video's own frame rate"):
+        qp.process_video([_noise(56, 56)] * 4, fps=2)
+    with pytest.raises(ImageError, match="cannot sample 10 frames from a video of 4"):
+        qp.process_video([_noise(56, 56)] * 4, num_frames=10)
+    with pytest.raises(ImageError, match="frames differ in size"):
+        qp.process_video([_noise(56, 56), _noise(56, 60)])
+    with pytest.raises(ImageError, match="at least one frame"):
+        qp.process_video([])
