@@ -7,6 +7,7 @@ float32 and compares outputs; each error test checks the typed error and what it
 from __future__ import annotations
 
 import json
+import types
 import warnings
 
 import numpy as np
@@ -14,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from foveal.errors import ConfigError, ImageError
+from foveal.errors import ConfigError, ImageError, PromptError
 from foveal.models.families.qwen2_vl import processor as qp
 from foveal.models.families.qwen2_vl.config import QwenVisionConfig, mrope_section
+from foveal.models.families.qwen2_vl.positions import decode_positions, mrope_cos_sin, rope_index
 from foveal.models.families.qwen2_vl.vision import QwenVisionTower
 
 # ----------------------------------------------------------------------------- config
@@ -337,3 +339,146 @@ def test_sample_frame_indices_and_video_errors():
         qp.process_video([_noise(56, 56), _noise(56, 60)])
     with pytest.raises(ImageError, match="at least one frame"):
         qp.process_video([])
+
+
+# ----------------------------------------------------------------------------- M-RoPE positions
+
+IMG, VID, START, END = 151655, 151656, 151652, 151653  # Qwen2-VL's special token ids
+
+
+def _hf_rope_index(kind: str, ids, image_grid=None, video_grid=None, second_per_grid_ts=None):
+    """transformers' get_rope_index on one prompt, with the token types its processor would give."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    model = {"qwen2_vl": Qwen2VLModel, "qwen2_5_vl": Qwen2_5_VLModel, "qwen3_vl": Qwen3VLModel}[kind]
+    # the method reads only these two attributes of the model: no weights needed
+    fake = types.SimpleNamespace(
+        config=types.SimpleNamespace(vision_config=types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=3)),
+        get_vision_position_ids=lambda *a, **k: model.get_vision_position_ids(None, *a, **k))
+    input_ids = torch.tensor([ids])
+    types_ = ((input_ids == IMG).int() + 2 * (input_ids == VID).int())
+    extra = {"second_per_grid_ts": second_per_grid_ts} if kind == "qwen2_5_vl" else {}
+    positions, delta = model.get_rope_index(fake, input_ids, types_, image_grid_thw=image_grid,
+                                            video_grid_thw=None if video_grid is None else video_grid.clone(),
+                                            **extra)
+    return positions[:, 0], int(delta)
+
+
+def _vision(grid, token=IMG, kind="qwen2_vl"):
+    t, h, w = grid
+    if token == VID and kind == "qwen3_vl":  # Qwen3VLProcessor: "<t seconds>" text before each frame
+        return [tok for _ in range(t) for tok in [20, 21, START] + [VID] * (h * w // 4) + [END]]
+    return [START] + [token] * (t * h * w // 4) + [END]
+
+
+def _prompts(kind="qwen2_vl"):
+    g1, g2, v = [1, 4, 6], [1, 8, 4], [3, 4, 4]
+    text = list(range(10, 17))
+    yield "text only", text, None, None
+    yield "one image", text[:3] + _vision(g1) + text, [g1], None
+    yield "two images", text[:2] + _vision(g1) + text[:3] + _vision(g2) + text[:4], [g1, g2], None
+    yield "image, text, video", text[:2] + _vision(g2) + text + _vision(v, VID, kind) + text[:2], [g2], [v]
+    yield "a long video", text[:2] + _vision([8, 2, 2], VID, kind) + text[:3], None, [[8, 2, 2]]
+    turn = lambda g: [1, 2, 3] + _vision(g) + [4, 5] + [6, 7, 8]  # noqa: E731  user + image, reply
+    yield "multi-turn", turn(g1) + turn(g2) + turn(g1) + [9, 9], [g1, g2, g1], None
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", [p[0] for p in _prompts()])
+def test_rope_index_matches_transformers(kind, name):
+    _, ids, images, videos = next(p for p in _prompts(kind) if p[0] == name)
+    image_grid = None if images is None else torch.tensor(images)
+    video_grid = None if videos is None else torch.tensor(videos)
+    seconds = None if videos is None else torch.tensor([0.7] * len(videos))  # 2.5: 3 tok/s * 0.7 s
+    expected, expected_delta = _hf_rope_index(kind, ids, image_grid, video_grid, seconds)
+    positions, delta = rope_index(ids, image_grid, video_grid, spatial_merge_size=2, image_token_id=IMG,
+                                  video_token_id=VID, kind=kind, second_per_grid_ts=seconds, tokens_per_second=3)
+    assert positions.dtype == torch.long and positions.shape == (3, len(ids))
+    assert torch.equal(positions, expected) and delta == expected_delta
+    # decoding continues as HF's cached rope_deltas do: position T + i + delta in all three rows
+    assert decode_positions(len(ids), delta, 3).tolist() == [len(ids) + i + expected_delta for i in range(3)]
+
+
+def test_rope_index_2_5_default_time_spacing_matches_transformers():
+    ids = [1, 2] + _vision([4, 2, 4], VID) + [3]
+    expected, expected_delta = _hf_rope_index("qwen2_5_vl", ids, video_grid=torch.tensor([[4, 2, 4]]))
+    positions, delta = rope_index(ids, None, [[4, 2, 4]], spatial_merge_size=2, image_token_id=IMG,
+                                  video_token_id=VID, kind="qwen2_5_vl", tokens_per_second=3)
+    assert torch.equal(positions, expected) and delta == expected_delta
+    assert positions[0, 3:11:2].tolist() == [3, 6, 9, 12]  # time steps 3 apart (3 tok/s * 1 s)
+
+
+def test_rope_index_text_after_an_image_continues_past_it():
+    positions, delta = rope_index([7, 7] + [IMG] * 6 + [7], [[1, 4, 6]], spatial_merge_size=2,
+                                  image_token_id=IMG, video_token_id=VID)
+    assert positions[:, :2].tolist() == [[0, 1]] * 3
+    assert positions[1, 2:8].tolist() == [2, 2, 2, 3, 3, 3] and positions[2, 2:8].tolist() == [2, 3, 4] * 2
+    assert positions[:, 8].tolist() == [5, 5, 5] and delta == 6 - 9
+
+
+def test_rope_index_errors():
+    common = dict(spatial_merge_size=2, image_token_id=IMG, video_token_id=VID)
+    with pytest.raises(PromptError, match=r"grid \[1, 4, 6\] needs 6 placeholder tokens but its run in the "
+                                          r"prompt has 5"):
+        rope_index([1] + [IMG] * 5, [[1, 4, 6]], **common)
+    with pytest.raises(PromptError, match="more image placeholder tokens than its 1 image grid"):
+        rope_index([1] + [IMG] * 12, [[1, 4, 6]], **common)
+    with pytest.raises(PromptError, match="2 image grid\\(s\\) given but the prompt's placeholder tokens account for 1"):
+        rope_index([1] + [IMG] * 6, [[1, 4, 6], [1, 2, 2]], **common)
+    with pytest.raises(PromptError, match="video placeholder tokens than its 0 video grid"):
+        rope_index([1, VID], None, **common)
+    with pytest.raises(ImageError, match="multiples of spatial_merge_size=2"):
+        rope_index([1] + [IMG] * 6, [[1, 3, 8]], **common)
+    with pytest.raises(PromptError, match="second_per_grid_ts has 2 values for 1 videos"):
+        rope_index([1] + [VID] * 4, None, [[1, 4, 4]], kind="qwen2_5_vl", second_per_grid_ts=[1.0, 2.0], **common)
+
+
+def test_adjacent_images_with_nothing_between_get_a_grid_each():
+    positions, _ = rope_index([1] + [IMG] * 10, [[1, 4, 6], [1, 4, 4]], spatial_merge_size=2,
+                              image_token_id=IMG, video_token_id=VID)
+    assert positions[:, 7:].tolist() == [[4, 4, 4, 4], [4, 4, 5, 5], [4, 5, 4, 5]]  # second starts at 1 + 3
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_mrope_cos_sin_rotates_q_and_k_as_transformers(kind):
+    if kind == "qwen3_vl":
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig as Config
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding as Rotary
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+        section = [6, 5, 5]
+    else:
+        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig as Config
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding as Rotary
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+        section = [4, 6, 6]
+    head_dim = 32
+    config = Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+    rotary = Rotary(config)
+    ids = [3, 4] + _vision([1, 4, 6]) + [5] + _vision([2, 4, 4], VID) + [6, 7]
+    positions, _ = rope_index(ids, [[1, 4, 6]], [[2, 4, 4]], spatial_merge_size=2, image_token_id=IMG,
+                              video_token_id=VID, kind=kind)
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 2, len(ids), head_dim), torch.randn(1, 1, len(ids), head_dim)
+    cos_hf, sin_hf = rotary(q, positions[:, None, :])
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos_hf, sin_hf)
+    cos, sin = mrope_cos_sin(positions, rotary.inv_freq, mrope_section({"rope_parameters": config.rope_parameters},
+                                                                       head_dim, kind), interleaved=kind == "qwen3_vl")
+    assert cos.shape == (len(ids), head_dim)
+    from foveal.models.text import rotate_half
+
+    q_ours, k_ours = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    assert (q_ours - q_hf).abs().max().item() < 1e-6 and (k_ours - k_hf).abs().max().item() < 1e-6
+    # decode: one scalar position broadcast to the three rows
+    step = torch.tensor([len(ids) + 5])
+    cos_hf, sin_hf = rotary(q[..., :1, :], step.view(1, 1, 1).expand(3, 1, 1))
+    cos, sin = mrope_cos_sin(step, rotary.inv_freq, section, interleaved=kind == "qwen3_vl")
+    torch.testing.assert_close(cos, cos_hf[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, sin_hf[0], rtol=0, atol=1e-6)
+
+
+def test_mrope_cos_sin_rejects_a_section_that_does_not_fit():
+    with pytest.raises(ConfigError, match=r"mrope_section \[4, 6, 5\] sums to 15, not the 16"):
+        mrope_cos_sin(torch.zeros(3, 2, dtype=torch.long), torch.ones(16), [4, 6, 5])
