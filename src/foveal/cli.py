@@ -192,21 +192,22 @@ def cmd_chat(args) -> int:
 
 
 def info_dict(vlm) -> dict:
-    cfg = vlm.config
     counts = vlm.parameter_counts()
+    described = vlm.describe()
     d = {
         "model": str(vlm.path),
-        "architecture": cfg.architecture,
-        "layout": cfg.layout,
-        "language_model": cfg.text.model_type,
-        "vision_tower": cfg.vision.model_type if cfg.vision else None,
-        "projector": cfg.projector.kind if cfg.projector and cfg.vision else None,
+        "family": described["family"],
+        "architecture": described["architecture"],
+        "layout": described["layout"],
+        "language_model": described["language_model"],
+        "vision_tower": described["vision_tower"],
+        "projector": described["projector"],
         "parameters": counts | {"total": sum(counts.values())},
         "dtype": str(vlm.dtype).replace("torch.", ""),
-        "image_size": cfg.vision.image_size if cfg.vision else None,
-        "image_tokens_per_image": vlm.image_tokens_per_image,
-        "max_image_tokens": vlm.max_image_tokens,
-        "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints] if cfg.anyres else None,
+        "image_size": described["image_size"],
+        "image_tokens_per_image": described["image_tokens_per_image"],
+        "max_image_tokens": described["max_image_tokens"],
+        "image_grid_pinpoints": described["image_grid_pinpoints"],
         "context_length": vlm.context_length,
         "weight_bytes": vlm.weight_bytes(),
         "weight_bytes_by_device": {t: n for t in ("cpu", "cuda") if (n := vlm.weight_bytes(t))},

@@ -125,6 +125,7 @@ class TextConfig:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     sliding_window: int | None = None          # Mistral v0.1; attention beyond it is not windowed here
+    mrope_section: tuple[int, ...] | None = None   # multimodal RoPE (Qwen2-VL): frequencies per position row
 
 
 @dataclass
@@ -222,12 +223,14 @@ def rope_config_from_hf(d: dict) -> RopeConfig:
                       original_max_position_embeddings=scaling.get("original_max_position_embeddings"))
 
 
-def text_config_from_hf(d: dict) -> TextConfig:
+def text_config_from_hf(d: dict, defaults: dict | None = None) -> TextConfig:
+    """defaults: a family's own class defaults for its decoder (e.g. Qwen2VLTextConfig's); by default the
+    table above, by model_type."""
     model_type = d.get("model_type", "llama")
-    if model_type not in TEXT_DEFAULTS:
+    if defaults is None and model_type not in TEXT_DEFAULTS:
         raise UnsupportedModelError(
             f"language model model_type {model_type!r} is not supported; supported: {', '.join(TEXT_TYPES)}")
-    defaults = TEXT_DEFAULTS[model_type]
+    defaults = TEXT_DEFAULTS[model_type] if defaults is None else defaults
     get = lambda k: _pick(d, defaults, k)  # noqa: E731
     heads = get("num_attention_heads")
     kv_heads = get("num_key_value_heads") or heads
@@ -315,11 +318,10 @@ def config_from_hf(d: dict) -> VLMConfig:
     elif model_type in TEXT_DEFAULTS:
         cfg = VLMConfig(text=text_config_from_hf(d), layout="text",
                         architecture=(d.get("architectures") or [model_type])[0])
-    else:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported: llava and llava_next (with "
-            f"{'/'.join(VISION_TYPES)} + {'/'.join(TEXT_TYPES)}), original LLaVA (llava_llama, "
-            f"llava_mistral, llava_qwen), and text-only {', '.join(TEXT_TYPES)}")
+    else:       # another family's config, or none foveal knows: the registry names what is supported
+        from .models.registry import family_name
+        raise UnsupportedModelError(f"config_from_hf reads the LLaVA and text-only families, not "
+                                    f"{family_name(d)!r}")
     _check_feature_layers(cfg)
     if cfg.vision is not None:
         _check_anyres(cfg)

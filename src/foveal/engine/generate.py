@@ -1,8 +1,14 @@
 """Prefill / decode loop over a static KV cache, with stop conditions and streaming.
 
 Design decisions:
-- One `Engine` per loaded model owns the KV cache. The cache is sized for the request (prompt +
-  max_tokens, rounded up to a multiple of CACHE_BLOCK) and reused while later requests fit.
+- One `Engine` per loaded model owns the caches: the KV cache, sized for the request (prompt +
+  max_tokens, rounded up to a multiple of CACHE_BLOCK) and reused while later requests fit, and
+  the image embeddings by content hash (an LRU of IMAGE_CACHE_SIZE images), so that the next turn
+  of a chat about the same picture neither preprocesses nor encodes it again.
+- The engine knows nothing of families: it asks the family's processor for pixels of the images
+  it lacks, the model to encode them, and feeds the model embeddings and the positions the
+  processor computed (plain 0..T-1, or M-RoPE's (3, T)); a decode step's position is one scalar,
+  `next_position + step`, the same for every section.
 - Prefix reuse: the engine remembers which token keys (ids, with image positions keyed by the
   image's content hash) its cache holds; a request that starts with the same keys (the next turn
   of a chat) prefills only what is new. At least one token is always prefilled to get logits.
@@ -17,16 +23,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, PromptError
 from ..processing.prompt import StreamDecoder, Tokenizer
 from .sampling import Sampler, SamplingOptions
 from .thinking import partial_tail
 
 CACHE_BLOCK = 256
+IMAGE_CACHE_SIZE = 16
 
 
 @dataclass
@@ -89,14 +97,41 @@ class Engine:
         self.dtype = dtype
         self.lock = threading.RLock()
         self._cached_keys: list = []
+        self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()   # content hash -> (tokens, D)
 
     def _ensure_cache(self, needed: int) -> None:
-        lm = self.model.language_model
-        if lm.max_cache_len >= needed and lm.layers[0].self_attn.kv_cache is not None:
+        if self.model.cache_len >= needed:
             return
         size = min(-(-needed // CACHE_BLOCK) * CACHE_BLOCK, max(self.context_length, needed))
-        lm.setup_cache(1, size, self.dtype)
+        self.model.setup_cache(size, self.dtype)
         self._cached_keys = []
+
+    def image_embeds(self, chunks: list, processor, stats: Stats) -> torch.Tensor | None:
+        """The prompt's images (models.interface.ImageChunk, in prompt order) -> their embeddings
+        (1, image tokens, D), encoding only those the cache lacks (each once, however often it appears)."""
+        if not chunks:
+            return None
+        t0 = time.perf_counter()
+        todo = list({c.key: c for c in chunks if c.key not in self.image_cache}.values())
+        if todo:
+            pixels = processor.pixels(todo)
+            t1 = time.perf_counter()
+            stats.preprocess_s += t1 - t0
+            t0 = t1
+            with torch.inference_mode():      # outside the lock, as before: a server encodes beside a decode
+                new = self.model.encode(pixels)
+            for c, e in zip(todo, new):
+                if e.shape[0] != c.n_tokens:
+                    raise PromptError(f"an image of {c.size[1]}x{c.size[0]} px was given {c.n_tokens} token slots "
+                                      f"but encodes to {e.shape[0]} rows")
+                self.image_cache[c.key] = e
+        embeds = torch.cat([self.image_cache[c.key] for c in chunks])[None]
+        for c in chunks:
+            self.image_cache.move_to_end(c.key)
+        while len(self.image_cache) > IMAGE_CACHE_SIZE:
+            self.image_cache.popitem(last=False)
+        stats.encode_s += time.perf_counter() - t0
+        return embeds
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -109,12 +144,19 @@ class Engine:
             self.reset()
 
     def reset(self) -> None:
-        self.model.language_model.drop_cache()
+        """Drop the KV cache (the image embeddings stay: `unload` drops those too)."""
+        self.model.drop_cache()
         self._cached_keys = []
 
+    def unload(self) -> None:
+        self.reset()
+        self.image_cache.clear()
+
     @torch.inference_mode()
-    def prompt_logits(self, input_ids: list[int], image_mask: list[bool], image_embeds) -> torch.Tensor:
-        """Logits (T, V) at every prompt position, computed from scratch (evaluation, parity checks)."""
+    def prompt_logits(self, input_ids: list[int], image_mask: list[bool], image_embeds,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (T, V) at every prompt position, computed from scratch (evaluation, parity checks);
+        positions: the family's (T,) or (3, T) RoPE positions (None: 0..T-1)."""
         with self.lock:
             self._ensure_cache(len(input_ids))
             self._cached_keys = []
@@ -122,14 +164,17 @@ class Engine:
             ids = torch.tensor([input_ids], device=dev)
             mask = torch.tensor([image_mask], device=dev)
             embeds = self.model.embed(ids, mask if any(image_mask) else None, image_embeds)
-            return self.model(embeds, torch.arange(len(input_ids), device=dev))[0]
+            pos = torch.arange(len(input_ids), device=dev) if positions is None else positions.to(dev)
+            return self.model(embeds, pos, start=0)[0]
 
     @torch.inference_mode()
     def stream(self, input_ids: list[int], image_mask: list[bool], image_embeds: torch.Tensor | None,
                image_keys: list, opts: SamplingOptions, stats: Stats, cancel: threading.Event | None = None,
-               constraint=None):
+               constraint=None, positions: torch.Tensor | None = None, next_position: int | None = None):
         """Yield Chunks for one prompt. image_keys: (hashable key, token count) per image, in prompt order.
-        constraint: a `constrain.JSONConstraint` (masks each pick; stops when its grammar is complete)."""
+        constraint: a `constrain.JSONConstraint` (masks each pick; stops when its grammar is complete).
+        positions: the prompt's RoPE positions, (T,) or (3, T) (None: 0..T-1); next_position: the first
+        generated token's (None: T). Cache slots are always 0..T-1, then T, T+1, ..."""
         t_start = time.perf_counter()
         n_prompt = len(input_ids)
         if n_prompt >= self.context_length:
@@ -150,8 +195,10 @@ class Engine:
             embeds = self.model.embed(ids, mask if stats.image_tokens else None, image_embeds)
             self._cached_keys = []          # invalid until prefill completes
             t0 = time.perf_counter()
-            pos = torch.arange(reuse, n_prompt, device=dev)
-            logits = self.model(embeds[:, reuse:], pos, last_only=True)[0, -1]
+            pos = (torch.arange(reuse, n_prompt, device=dev) if positions is None
+                   else positions[..., reuse:].to(dev))
+            logits = self.model(embeds[:, reuse:], pos, last_only=True, start=reuse)[0, -1]
+            first = n_prompt if next_position is None else next_position
             stats.prefill_s = time.perf_counter() - t0
             self._cached_keys = keys
             sampler = Sampler(opts, logits.shape[-1], logits.device, input_ids if opts.repetition_penalty != 1 else None)
@@ -189,7 +236,7 @@ class Engine:
                     break
                 if step == max_new - 1:
                     break
-                pos = torch.tensor([n_prompt + step], device=dev)
+                pos = torch.tensor([first + step], device=dev)
                 logits = self.model.decode(torch.tensor([[token]], device=dev), pos, n_prompt + step + 1)
                 self._cached_keys.append(token)     # only now is its KV in the cache (not so for the last token)
                 token = pick(logits)

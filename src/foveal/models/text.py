@@ -4,12 +4,15 @@ Mirrors transformers' models/llama/modeling_llama.py and models/qwen2/modeling_q
 the same operations in the same dtypes, so float32 logits agree to ~1e-6.
 
 Design decisions (after gpt-fast):
-- The KV cache is a preallocated buffer per layer, written at `input_pos`; every decode step
+- The KV cache is a preallocated buffer per layer, written at the new tokens' slots; every decode step
   has the same shapes, no `torch.cat`, no per-token allocation growing with length.
-- `forward(embeds, input_pos)` is pure given the cache: positions come from `input_pos`
-  (absolute positions of the new tokens). Attention reads only the cache slots written so far
-  (a view, no copy): a decode step needs no mask, a fresh prefill uses SDPA's causal path, and
-  only a prefill after a reused prefix builds a (T, kv_len) mask. This trades shape stability
+- `forward(embeds, positions, kv_len, start)` is pure given the cache. Positions are an input,
+  apart from cache slots: (T,) absolute positions, or (3, T) temporal/height/width positions for
+  multimodal RoPE (Qwen2-VL's M-RoPE, `cfg.mrope_section`), which a family computes; the new
+  tokens go into cache slots [start, start + T) (by default start = positions[0], the 1-D case).
+  Attention reads only the cache slots written so far (a view, no copy): a decode step needs no
+  mask, a fresh prefill uses SDPA's causal path, and only a prefill after a reused prefix builds a
+  (T, kv_len) mask. This trades shape stability
   (torch.compile / CUDA graphs would want the full cache and a mask) for work proportional to
   the real length, which is what eager CPU decode needs.
 - RoPE inverse frequencies are computed once (default / linear / llama3) or per call from the
@@ -55,7 +58,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position: int, seq_len: i
 
 class AttnSpec(NamedTuple):
     """How one forward attends: over cache slots [0, kv_len) (None: no cache, just the new tokens),
-    with a boolean mask (T, kv_len), or causally (is_causal), or to everything (neither)."""
+    the new tokens written at the last T of them, with a boolean mask (T, kv_len), or causally
+    (is_causal), or to everything (neither)."""
     mask: torch.Tensor | None
     is_causal: bool
     kv_len: int | None
@@ -85,10 +89,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, n_kv, T, hd) written at the T slots of input_pos
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, n_kv, T, hd) written at slots [start, start + T)
+        T = k.shape[2]
+        self.k[:, :, start:start + T] = k.to(self.k.dtype)
+        self.v[:, :, start:start + T] = v.to(self.v.dtype)
         return self.k, self.v
 
 
@@ -103,7 +108,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, attn: AttnSpec, input_pos):
+    def forward(self, x, cos, sin, attn: AttnSpec):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, KV, T, hd)
@@ -111,7 +116,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)                               # (B, KV, S, hd)
+            k, v = self.kv_cache.update(attn.kv_len - T, k, v)                         # (B, KV, S, hd)
             k, v = k[:, :, :attn.kv_len], v[:, :, :attn.kv_len]   # only the slots written so far
         if T == 1 and attn.mask is None and not attn.is_causal:
             y = self._decode_attention(q, k, v)
@@ -152,8 +157,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn: AttnSpec, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, input_pos)
+    def forward(self, x, cos, sin, attn: AttnSpec):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -189,52 +194,69 @@ class TextModel(nn.Module):
             layer.self_attn.kv_cache = None
         self.max_cache_len = 0
 
-    def rope(self, input_pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def cache_len(self) -> int:
+        """Slots of the allocated KV cache (0: none)."""
+        return self.max_cache_len if self.layers and self.layers[0].self_attn.kv_cache is not None else 0
+
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, hd) for positions (T,), or (3, T) under M-RoPE."""
         inv_freq = self.inv_freq
         if self.cfg.rope.kind == "dynamic":
-            seq_len = int(input_pos.max()) + 1
+            seq_len = int(positions.max()) + 1
             if seq_len > self.cfg.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings,
                                          seq_len).to(inv_freq.device)
-        freqs = input_pos.float()[:, None] * inv_freq.float()[None, :]    # (T, hd/2)
+        if positions.dim() == 1:
+            freqs = positions.float()[:, None] * inv_freq.float()[None, :]    # (T, hd/2)
+        else:
+            # Qwen2-VL's apply_multimodal_rotary_pos_emb: frequency section i rotates by position row i % 3
+            # (temporal, height, width); taken on the half before doubling, which is the same selection
+            rows = positions.float()[:, :, None] * inv_freq.float()[None, None, :]   # (3, T, hd/2)
+            sections = rows.split(list(self.cfg.mrope_section), dim=-1)
+            freqs = torch.cat([s[i % 3] for i, s in enumerate(sections)], dim=-1)   # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)                            # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        """embeds (B, T, D) at contiguous absolute positions input_pos (T,) -> hidden states (B, T, D).
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                start: int | None = None) -> torch.Tensor:
+        """embeds (B, T, D) at RoPE positions (T,) or (3, T) -> hidden states (B, T, D).
 
-        Without a cache, every row is causal over its own T tokens: right-padded batches need no
-        extra mask, since real tokens never attend to the padding after them. kv_len: a decode step
-        (T == 1) may say how many cache slots it attends to (input_pos + 1), so that nothing reads
-        input_pos back (no device sync; a Python int that torch.compile keeps symbolic)."""
-        cos, sin = self.rope(input_pos, embeds.dtype)
+        With a cache, the new tokens go into slots [start, start + T); by default start = positions[0]
+        (1-D positions are their own slots). Without a cache, every row is causal over its own T
+        tokens: right-padded batches need no extra mask, since real tokens never attend to the padding
+        after them. kv_len: a decode step (T == 1) may say how many cache slots it attends to (its slot
+        + 1), so that nothing reads a position back (no device sync; a Python int that torch.compile
+        keeps symbolic)."""
+        cos, sin = self.rope(positions, embeds.dtype)
         T = embeds.shape[1]
         if kv_len is not None and T == 1:
             attn = AttnSpec(None, False, kv_len)
         elif self.layers[0].self_attn.kv_cache is None:
             attn = AttnSpec(None, T > 1, None)      # training: causal, SDPA's fused path
         else:
-            # input_pos is contiguous: the new tokens end at kv_len, and attend to slots before them
-            kv_len = int(input_pos[-1]) + 1
+            if start is None:
+                start = int(positions[0])
+            kv_len = start + T                      # the new tokens end at kv_len, attend to slots before
             if T == 1:
                 attn = AttnSpec(None, False, kv_len)                # decode: every written slot
-            elif kv_len == T:
+            elif start == 0:
                 attn = AttnSpec(None, True, kv_len)                 # fresh prefill: plain causal
             else:                                                    # prefill after a reused prefix
                 slots = torch.arange(kv_len, device=embeds.device)
-                attn = AttnSpec(slots[None, :] <= input_pos[:, None], False, kv_len)   # (T, kv_len)
+                new = torch.arange(start, kv_len, device=embeds.device)
+                attn = AttnSpec(slots[None, :] <= new[:, None], False, kv_len)   # (T, kv_len)
         x = embeds
         for layer in self.layers:
             if layer.input_layernorm.weight.device != x.device:   # split by --gpu-layers: cross once
-                x, cos, sin, input_pos, attn = _to_device(layer.input_layernorm.weight.device, x, cos, sin, input_pos,
-                                                          attn)
+                x, cos, sin, attn = _to_device(layer.input_layernorm.weight.device, x, cos, sin, attn)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn, input_pos)
+                x = layer(x, cos, sin, attn)
         return self.norm(x.to(self.norm.weight.device))
 
 
-def _to_device(device, x, cos, sin, input_pos, attn: AttnSpec):
+def _to_device(device, x, cos, sin, attn: AttnSpec):
     mask = None if attn.mask is None else attn.mask.to(device)
-    return x.to(device), cos.to(device), sin.to(device), input_pos.to(device), attn._replace(mask=mask)
+    return x.to(device), cos.to(device), sin.to(device), attn._replace(mask=mask)

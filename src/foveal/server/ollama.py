@@ -193,10 +193,10 @@ def final_fields(stats, finish_reason: str, load_s: float, t_request: float) -> 
 
 def details(entry) -> dict:
     vlm = entry.vlm
-    cfg = vlm.config if vlm is not None else None
-    family = cfg.text.model_type if cfg is not None else "llava"
+    d = vlm.describe() if vlm is not None else {}
+    family = d.get("language_model") or "llava"
     n = sum(vlm.parameter_counts().values()) if vlm is not None else 0
-    families = [family] + (["clip" if not cfg.vision.is_siglip else "siglip"] if cfg and cfg.vision else [])
+    families = [family] + ([d["vision_family"]] if d.get("vision_family") else [])
     return {"parent_model": "", "format": "safetensors", "family": family, "families": families,
             "parameter_size": _human(n) if n else "", "quantization_level":
                 str(vlm.dtype).replace("torch.", "").upper().replace("BFLOAT16", "BF16").replace("FLOAT", "F")
@@ -325,28 +325,31 @@ async def show(request: Request, body: ShowRequest):
     vlm = entry.vlm
     cfg = vlm.config
     counts = vlm.parameter_counts()
+    d = vlm.describe()
     arch = cfg.text.model_type
     info = {"general.architecture": arch, "general.parameter_count": sum(counts.values()),
-            "general.basename": entry.name, "foveal.layout": cfg.layout,
+            "general.basename": entry.name, "foveal.layout": d["layout"], "foveal.family": d["family"],
             f"{arch}.context_length": vlm.context_length, f"{arch}.embedding_length": cfg.text.hidden_size,
             f"{arch}.block_count": cfg.text.num_hidden_layers,
             f"{arch}.attention.head_count": cfg.text.num_attention_heads,
             f"{arch}.attention.head_count_kv": cfg.text.num_key_value_heads,
             f"{arch}.vocab_size": cfg.text.vocab_size}
     projector_info = None
-    if cfg.vision is not None:
-        info.update({"vision.image_size": cfg.vision.image_size, "vision.patch_size": cfg.vision.patch_size,
-                     "vision.block_count": cfg.vision.num_hidden_layers,
-                     "vision.embedding_length": cfg.vision.hidden_size,
-                     "vision.image_tokens_per_image": vlm.image_tokens_per_image,
-                     **({"vision.image_grid_pinpoints": [x for p in cfg.image_grid_pinpoints for x in p],
-                         "vision.max_image_tokens": vlm.max_image_tokens} if cfg.anyres else {})})
-        projector_info = {"projector.type": cfg.projector.kind, "projector.parameter_count": counts["projector"]}
+    if d["vision_tower"] is not None:
+        info.update({"vision.image_size": d["image_size"], "vision.patch_size": d["patch_size"],
+                     "vision.block_count": d["vision_layers"],
+                     "vision.embedding_length": d["vision_hidden_size"],
+                     "vision.image_tokens_per_image": d["image_tokens_per_image"],
+                     **({"vision.image_grid_pinpoints": [x for p in d["image_grid_pinpoints"] for x in p],
+                         "vision.max_image_tokens": d["max_image_tokens"]} if d["image_grid_pinpoints"] else {}),
+                     **({"vision.min_pixels": d["min_pixels"], "vision.max_pixels": d["max_pixels"],
+                         "vision.max_image_tokens": d["max_image_tokens"]} if d.get("max_pixels") else {})})
+        projector_info = {"projector.type": d["projector"], "projector.parameter_count": counts["projector"]}
     params = "\n".join(f"{k:<16}{v}" for k, v in (("temperature", 0.8), ("top_k", 40), ("top_p", 0.9)))
     return {"modelfile": f"# served by foveal {__version__}\nFROM {entry.path}\n", "parameters": params,
             "template": vlm.prompt.template, "details": details(entry), "model_info": info,
             "projector_info": projector_info,
-            "capabilities": ["completion"] + (["vision"] if cfg.vision is not None else []),
+            "capabilities": ["completion"] + (["vision"] if d["vision_tower"] is not None else []),
             "modified_at": _iso(entry.modified_at)}
 
 

@@ -526,11 +526,11 @@ def train(cfg: TrainConfig, vlm=None) -> TrainResult:
 
 def image_processor_dict(vlm) -> dict | None:
     """The checkpoint's own preprocessor config (so the trained model preprocesses the same)."""
-    from ..api import _from_folder_image_processor
+    from ..models.families.llava import image_processor_of
     if vlm.image_config is None:
         return None
     path = Path(vlm.path)
-    found = _from_folder_image_processor(path) if path.is_dir() else None
+    found = image_processor_of(path) if path.is_dir() else None
     c = vlm.image_config
     base = dict(found) if found else {}
     if not found:

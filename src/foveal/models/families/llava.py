@@ -1,0 +1,178 @@
+"""The LLaVA family: LLaVA-1.5 (llava-hf and the original repo's layout) and LLaVA-NeXT (anyres).
+
+A CLIP / SigLIP tower, a linear or 2-layer-MLP projector, and a Llama / Mistral / Qwen2 decoder
+(`models.vlm.VisionLanguageModel`). An image takes a fixed number of tokens (the tower's patch
+grid), or on LLaVA-NeXT a number that depends on its size (`processing.anyres`); positions are
+the plain 0..T-1.
+
+Design decisions:
+- The config mapping (`config.config_from_hf`) and the checkpoint name rules
+  (`weights.safetensors.NAME_RULES`) predate the family seam and stay where the GGUF and
+  training code read them too; this module is where the API reaches them.
+- The original LLaVA repo keeps its CLIP tower in another checkpoint named by
+  `mm_vision_tower`: `complete` finds it, reads its config and adds its tensors.
+- Pixels are made in one batch for the images that are not cached (anyres: one image at a
+  time, each with its own tile count).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ... import config as C
+from ...errors import ConfigError, ModelNotFoundError
+from ...processing.images import ImageProcessorConfig, load_image, preprocess_batch, preprocess_views
+from ...processing.prompt import IMAGE_PLACEHOLDER, PromptBuilder, normalize_messages
+from ...weights.safetensors import open_checkpoint
+from ..interface import Checkpoint, ImageChunk, Prepared
+from ..vlm import VisionLanguageModel
+
+NAME = "llava"
+
+
+def config(raw: dict) -> C.VLMConfig:
+    return C.config_from_hf(raw)
+
+
+def complete(cfg: C.VLMConfig, ck: Checkpoint, vision_tower=None) -> None:
+    """The original layout: attach the separate CLIP tower's config, tensors and image processor."""
+    if cfg.layout != "original":
+        return
+    tower = _find_tower(cfg, ck.path, vision_tower)
+    C.attach_vision(cfg, C.load_config_file(tower / "config.json"))
+    ck.sources.update({k: v for k, v in open_checkpoint(tower).items() if k.startswith("vision_tower.")})
+    ck.image_processor = image_processor_of(tower)
+
+
+def build(cfg: C.VLMConfig) -> VisionLanguageModel:
+    return VisionLanguageModel(cfg)
+
+
+def processor(cfg: C.VLMConfig, ck: Checkpoint, image_mode: str | None = None) -> "LlavaProcessor":
+    tokenizer = ck.tokenizer
+    image_token = tokenizer.config.get("image_token") or IMAGE_PLACEHOLDER
+    image_token_id = cfg.image_token_id
+    if cfg.layout == "llava-hf" and tokenizer.token_id(image_token) != image_token_id:
+        found = tokenizer.tok.id_to_token(image_token_id) if image_token_id is not None else None
+        if found is None:
+            raise ConfigError(f"config image_token_index {image_token_id} is not in the tokenizer's vocabulary")
+        image_token = found
+    prompt = PromptBuilder(tokenizer, ck.template, image_token_id if cfg.layout == "llava-hf" else None,
+                           cfg.image_tokens_per_image, image_token)
+    return LlavaProcessor(cfg, prompt, _image_config(cfg, ck.image_processor, ck.raw_config, image_mode))
+
+
+def describe(cfg: C.VLMConfig, processor=None) -> dict:
+    v = cfg.vision
+    return {
+        "family": NAME,
+        "architecture": cfg.architecture,
+        "layout": cfg.layout,
+        "language_model": cfg.text.model_type,
+        "vision_tower": v.model_type if v else None,
+        "vision_family": (("siglip" if v.is_siglip else "clip") if v else None),
+        "projector": cfg.projector.kind if cfg.projector and v else None,
+        "image_size": v.image_size if v else None,
+        "patch_size": v.patch_size if v else None,
+        "vision_layers": v.num_hidden_layers if v else None,
+        "vision_hidden_size": v.hidden_size if v else None,
+        "image_tokens_per_image": cfg.image_tokens_per_image,
+        "max_image_tokens": cfg.max_image_tokens,
+        "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints] if cfg.anyres else None,
+    }
+
+
+class LlavaProcessor:
+    """Messages -> token ids with a fixed (or, anyres, size-dependent) number of slots per image."""
+
+    def __init__(self, cfg: C.VLMConfig, prompt: PromptBuilder, image_config: ImageProcessorConfig | None):
+        self.cfg, self.prompt, self.image_config = cfg, prompt, image_config
+
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        return self.cfg.image_tokens(size)
+
+    def prepare(self, messages, limits) -> Prepared:
+        template_messages, sources = normalize_messages(messages, self.prompt.template)
+        inputs = self.prompt.build(template_messages, n_images=len(sources))   # prompt errors before decoding
+        loaded = [load_image(src, limits) for src in sources]
+        counts = [self.image_tokens((im.height, im.width)) for im in loaded]
+        if self.cfg.anyres:
+            inputs = self.prompt.build(template_messages, n_images=len(loaded), image_tokens=counts)
+        return Prepared(inputs.input_ids, inputs.image_mask, [ImageChunk(im, n) for im, n in zip(loaded, counts)],
+                        text=inputs.text)
+
+    def count_tokens(self, messages, limits) -> int:
+        template_messages, sources = normalize_messages(messages, self.prompt.template)
+        counts = None
+        if self.cfg.anyres:      # the count depends on each image's size
+            counts = [self.image_tokens((im.height, im.width))
+                      for im in (load_image(src, limits) for src in sources)]
+        return len(self.prompt.build(template_messages, n_images=len(sources), image_tokens=counts).input_ids)
+
+    def pixels(self, chunks: list[ImageChunk]):
+        """(N, 3, S, S) for a fixed-size model; anyres: [(views (1 + tiles, 3, S, S), (height, width))]."""
+        if self.cfg.anyres:
+            return [(preprocess_views(c.image.image, self.image_config), c.size) for c in chunks]
+        return preprocess_batch([c.image.image for c in chunks], self.image_config)
+
+
+# ---- checkpoint files ----------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def image_processor_of(folder: Path) -> dict | None:
+    """The image processor's settings saved in an HF folder (None: none saved)."""
+    if (folder / "preprocessor_config.json").exists():
+        d = _read_json(folder / "preprocessor_config.json")
+        return d.get("image_processor", d)
+    if (folder / "processor_config.json").exists():      # newer transformers nest it here; else it only
+        return _read_json(folder / "processor_config.json").get("image_processor")   # holds patch_size & co.
+    return None
+
+
+def _find_tower(cfg: C.VLMConfig, folder: Path, vision_tower) -> Path:
+    candidates = [Path(vision_tower)] if vision_tower else []
+    name = cfg.vision_tower_path
+    candidates += [Path(name), folder / name, folder / Path(name).name]
+    for c in candidates:
+        if (c / "config.json").exists():
+            return c
+    try:    # an HF hub id already in the local cache
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:   # noqa: BLE001 - any failure means "not in the cache"
+        pass
+    raise ModelNotFoundError(f"the vision tower {name!r} named by mm_vision_tower was not found (looked in "
+                             f"{', '.join(str(c) for c in candidates)} and the Hugging Face cache); pass "
+                             f"vision_tower=PATH")
+
+
+def _image_config(cfg: C.VLMConfig, image_processor: dict | None, raw: dict,
+                  image_mode: str | None) -> ImageProcessorConfig | None:
+    if cfg.vision is None:
+        return None
+    if image_processor is not None:
+        ipc = ImageProcessorConfig.from_hf(image_processor)
+    else:
+        ipc = ImageProcessorConfig.for_vision("siglip" if cfg.vision.is_siglip else "clip", cfg.vision.image_size)
+    if cfg.anyres:
+        if image_mode is not None:
+            raise ConfigError(f"image_mode {image_mode!r} does not apply to an anyres (LLaVA-NeXT) model: "
+                              f"it tiles each image at its own aspect")
+        if ipc.grid_pinpoints is not None and ipc.grid_pinpoints != cfg.image_grid_pinpoints:
+            raise ConfigError(f"the image processor's image_grid_pinpoints {ipc.grid_pinpoints} differ from "
+                              f"config.json's {cfg.image_grid_pinpoints}")
+        return replace(ipc, mode="crop", grid_pinpoints=cfg.image_grid_pinpoints)
+    if raw.get("image_aspect_ratio") == "pad":     # original LLaVA-1.5 trained on padded squares
+        ipc.mode = "pad"
+    if image_mode is not None:
+        if image_mode not in ("crop", "pad", "resize"):
+            raise ConfigError(f"image_mode {image_mode!r} is not supported; use crop, pad or resize")
+        ipc.mode = image_mode
+    return ipc

@@ -1,0 +1,105 @@
+"""The family contract: what the engine, the API and the server may ask of a model family.
+
+A family is one module under `foveal.models.families` (found through `models.registry`). It owns
+everything that differs between VLM families: how its config.json maps onto config dataclasses,
+how checkpoint names map onto its modules, its modules, its image processor, and how an image
+becomes tokens and positions. Everything outside the family module talks to it through the
+names below, so adding a family never adds a branch to the engine, the API or the server.
+
+Design decisions (after llama.cpp's mtmd, vLLM's model interfaces and mlx-vlm's models/<family>/):
+- A prompt is prepared once into `Prepared`: token ids with image slots, the images in prompt
+  order as `ImageChunk`s (content hash, token count), and the RoPE positions when they are not
+  simply 0..T-1 (M-RoPE's (3, T)). Positions are tracked apart from token counts from day one.
+- Pixels are made only for the images the engine's embedding cache does not hold
+  (`Processor.pixels`), and encoded by the model (`VisionLanguageModel.encode`); the language
+  model only ever receives embeddings and positions.
+- Every family's model names its decoder `language_model` (a `models.text.TextModel`), its head
+  `lm_head` and its config's text part `cfg.text`: GPU-layer placement, the KV cache and the
+  planner's per-layer counts rest on that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..processing.images import LoadedImage
+
+
+@dataclass
+class ImageChunk:
+    """One image of a prompt (mtmd_input_chunk of type IMAGE)."""
+    image: LoadedImage           # decoded and validated; .sha256 is the cache key
+    n_tokens: int                # slots it takes in the sequence
+
+    @property
+    def key(self) -> str:
+        return self.image.sha256
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)"""
+        return self.image.height, self.image.width
+
+
+@dataclass
+class Prepared:
+    """Messages and images, ready for the engine."""
+    input_ids: list[int]                     # image slots hold a placeholder id
+    image_mask: list[bool]                   # True at image slots
+    images: list[ImageChunk] = field(default_factory=list)   # in prompt order
+    positions: torch.Tensor | None = None    # (T,) or (3, T); None: 0..T-1
+    next_position: int | None = None         # RoPE position of the first generated token; None: T
+    text: str = ""                           # the rendered prompt before expansion
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened by `api.load`, whatever its format (HF folder or GGUF): a family may
+    complete it (LLaVA's original layout keeps the vision tower in another folder) or rename its
+    tensors (`sources`: canonical name -> (file, stored name)) before the model is built."""
+    path: Path
+    raw_config: dict
+    sources: dict
+    tokenizer: Any
+    template: str | None
+    image_processor: dict | None
+    generation_config: dict
+
+
+class Processor(Protocol):
+    """Messages -> `Prepared`, for one loaded model."""
+    image_config: Any                        # the family's image-processing settings (None: text only)
+
+    def prepare(self, messages, limits) -> Prepared: ...
+    def count_tokens(self, messages, limits) -> int: ...
+    def pixels(self, chunks: list[ImageChunk]) -> Any: ...       # what `encode` takes, for these images
+    def image_tokens(self, size: tuple[int, int]) -> int: ...    # tokens one (height, width) image takes
+
+
+class VisionLanguageModel(Protocol):
+    """A family's model as the engine sees it (an nn.Module)."""
+    cfg: Any
+    language_model: torch.nn.Module
+    parts: dict[str, str]                    # top-level module name -> "vision" | "projector" | "language_model"
+
+    @property
+    def input_device(self) -> torch.device: ...
+    def encode(self, pixels) -> list[torch.Tensor]: ...          # one (n_tokens, D) per image
+    def embed(self, input_ids, image_mask, image_embeds) -> torch.Tensor: ...
+    def forward(self, embeds, positions, last_only: bool = False, start: int | None = None) -> torch.Tensor: ...
+    def decode(self, token, position, kv_len: int) -> torch.Tensor: ...
+    def compile_decode(self) -> None: ...
+
+
+class Family(Protocol):
+    """The module attributes of a family (`foveal.models.families.<name>`)."""
+    NAME: str                                # as `foveal info` shows it
+    def config(self, raw: dict) -> Any: ...
+    def complete(self, cfg, checkpoint: Checkpoint, vision_tower=None) -> None: ...
+    def build(self, cfg) -> VisionLanguageModel: ...
+    def processor(self, cfg, checkpoint: Checkpoint, image_mode: str | None) -> Processor: ...
+    def describe(self, cfg, processor=None) -> dict: ...

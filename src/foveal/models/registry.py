@@ -1,0 +1,73 @@
+"""Which family module runs a checkpoint: HF `model_type` / `architectures[0]` -> module, imported lazily.
+
+Design decisions (after vLLM's model registry and mlx-vlm's `get_model_and_args`):
+- One line per name; the module is imported only when a checkpoint names it.
+- `model_type` decides first, as transformers' Auto classes do; `architectures[0]` is the
+  fallback for a config without a known model_type. The original LLaVA repo's configs (a
+  plain LM config plus `mm_*` keys) are recognised by `mm_vision_tower`.
+- An unknown model is refused with the list of what is supported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import UnsupportedModelError
+
+MODEL_TYPES = {
+    "llava": "llava",
+    "llava_next": "llava",
+    "llava_llama": "llava",
+    "llava_mistral": "llava",
+    "llava_qwen": "llava",
+    "llava_qwen2": "llava",
+    "llama": "text_only",
+    "mistral": "text_only",
+    "qwen2": "text_only",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_vl",
+}
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava",
+    "LlavaLlamaForCausalLM": "llava",
+    "LlavaMistralForCausalLM": "llava",
+    "LlavaQwenForCausalLM": "llava",
+    "LlamaForCausalLM": "text_only",
+    "MistralForCausalLM": "text_only",
+    "Qwen2ForCausalLM": "text_only",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+}
+# what the error lists: family -> the model types it reads
+SUPPORTED = {
+    "llava": "LLaVA-1.5 and LLaVA-NeXT (llava, llava_next; CLIP / SigLIP towers with llama / mistral / qwen2), "
+             "the original LLaVA repo (llava_llama, llava_mistral, llava_qwen)",
+    "text_only": "text-only llama, mistral, qwen2",
+    "qwen2_vl": "Qwen2-VL and Qwen2.5-VL (qwen2_vl, qwen2_5_vl)",
+}
+
+
+def family_name(raw: dict) -> str:
+    """The family module's name for a parsed config.json."""
+    if "mm_vision_tower" in raw:
+        return "llava"
+    model_type = raw.get("model_type")
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    architectures = raw.get("architectures") or []
+    if architectures and architectures[0] in ARCHITECTURES and model_type is None:
+        return ARCHITECTURES[architectures[0]]
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} (architectures {architectures}) is not supported; supported: "
+        + "; ".join(SUPPORTED.values()))
+
+
+def family(name: str) -> ModuleType:
+    return importlib.import_module(f"foveal.models.families.{name}")
+
+
+def family_for(raw: dict) -> ModuleType:
+    """The family module for a parsed config.json (UnsupportedModelError names what is supported)."""
+    return family(family_name(raw))
