@@ -31,6 +31,20 @@ QWEN_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+QWEN_VL_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL-*-Instruct's chat template (tokenizer_config.json), as the hub ships it
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
@@ -44,8 +58,10 @@ LLAVA_TEMPLATE = (
 
 @lru_cache(maxsize=None)
 def tokenizer_json(kind: str) -> str:
-    """A byte-level BPE tokenizer ("llama": <s> BOS added; "qwen2": chatml, no BOS)."""
+    """A byte-level BPE tokenizer ("llama": <s> BOS added; "qwen2": chatml, no BOS; "qwen2_vl": chatml with
+    Qwen2-VL's vision tokens)."""
     specials = (["<unk>", "<s>", "</s>", "<pad>", "<image>"] if kind == "llama"
+                else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + QWEN_VL_SPECIALS if kind == "qwen2_vl"
                 else ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"])
     tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "llama" else None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -72,8 +88,11 @@ def write_tokenizer(folder: Path, kind: str) -> dict:
     else:
         cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
                "tokenizer_class": "PreTrainedTokenizerFast", "image_token": "<image>"}
+    if kind == "qwen2_vl":
+        cfg["image_token"] = "<|image_pad|>"
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    ids = {t: tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>", "<image>", "<|im_end|>", "<|endoftext|>")}
+    ids = {t: tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>", "<image>", "<|im_end|>", "<|endoftext|>",
+                                           *QWEN_VL_SPECIALS)}
     return {"vocab_size": tok.get_vocab_size(), **{k: v for k, v in ids.items() if v is not None}}
 
 
@@ -187,6 +206,84 @@ def hf_processor(folder: Path):
 
 
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+QWEN_VL_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)   # 4 to 64 image tokens
+
+
+def build_qwen2_vl(folder: Path, *, kind="qwen2_vl", tie=False, seed=0, mrope_section=(2, 3, 3),
+                   layout="saved") -> Path:
+    """Save a tiny Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration (+ processor).
+    layout: "saved" (this transformers' names: model.visual.*, model.language_model.*) or "legacy"
+    (transformers 4.x: visual.*, model.layers.*, and a flat config)."""
+    import transformers as T
+    folder = Path(folder)
+    vocab = write_tokenizer(folder, "qwen2_vl")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab["vocab_size"], max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": list(mrope_section), "rope_theta": 1e6},
+                bos_token_id=None, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+                tie_word_embeddings=tie, initializer_range=0.1)
+    if kind == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
+        Config, Model = T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration
+    else:   # window attention: 56-px windows are 2x2 merged tokens; block 1 attends fully
+        vision = dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                      initializer_range=0.1)
+        Config, Model = T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration
+    ids = {k: vocab[t] for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                                     ("vision_start_token_id", "<|vision_start|>"),
+                                     ("vision_end_token_id", "<|vision_end|>"))}
+    cfg = Config(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+    torch.manual_seed(seed)
+    model = Model(cfg).eval()
+    with torch.no_grad():       # random init leaves the tiny tower's output near zero: make images matter
+        for name, p in model.named_parameters():
+            if "visual" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                       **{k: v for k, v in json.loads((folder / "tokenizer_config.json").read_text())
+                                          .items() if k.endswith("_token") and v})
+    image_processor = T.Qwen2VLImageProcessorPil(**QWEN_VL_PIXELS, patch_size=14, merge_size=2,
+                                                 temporal_patch_size=2)
+    image_processor.save_pretrained(folder)     # (the whole processor wants torchvision for its video half)
+    (folder / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
+    if layout == "legacy":
+        state = load_file(folder / "model.safetensors")
+        renamed = {}
+        for name, t in state.items():
+            name = name.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+            renamed[name] = t
+        save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+        raw = json.loads((folder / "config.json").read_text())
+        flat = {k: v for k, v in raw.items() if k != "text_config"} | raw["text_config"]
+        flat["model_type"] = kind
+        flat.pop("rope_parameters", None)
+        flat |= {"rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": list(mrope_section)}}
+        (folder / "config.json").write_text(json.dumps(flat))
+    return folder
+
+
+def hf_qwen2_vl_processor(folder: Path):
+    """transformers' Qwen2VLProcessor over the saved tokenizer and image processor, without a video processor
+    (its class check imports torchvision, which the tests do without)."""
+    from unittest import mock
+    import transformers as T
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"),
+                                       **{k: v for k, v in json.loads((Path(folder) / "tokenizer_config.json")
+                                                                      .read_text()).items() if k.endswith("_token") and v})
+    image_processor = T.Qwen2VLImageProcessorPil.from_pretrained(folder)
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return T.Qwen2VLProcessor(image_processor=image_processor, tokenizer=hf_tok, video_processor=None,
+                                  chat_template=QWEN2_VL_TEMPLATE)
+
+
+def hf_qwen2_vl(folder: Path):
+    import transformers as T
+    kind = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    Model = T.Qwen2VLForConditionalGeneration if kind == "qwen2_vl" else T.Qwen2_5_VLForConditionalGeneration
+    return Model.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def build_llava_next(folder: Path, *, text="llama", feature_layer=-2, image_size=32, patch=8, seed=0,

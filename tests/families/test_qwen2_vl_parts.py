@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from foveal.errors import ConfigError, ImageError, PromptError
-from foveal.models.families.qwen2_vl import processor as qp
+from foveal.models.families.qwen2_vl import image_processing as qp
 from foveal.models.families.qwen2_vl.config import QwenVisionConfig, mrope_section
 from foveal.models.families.qwen2_vl.positions import decode_positions, mrope_cos_sin, rope_index
 from foveal.models.families.qwen2_vl.vision import QwenVisionTower

@@ -106,9 +106,16 @@ class VisionRotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        half = head_dim // 2
-        inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))  # (head_dim/4,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        half = self.head_dim // 2
+        return 1.0 / (self.theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))  # (head_dim/4,)
+
+    def init_rope(self, device=None) -> None:
+        """Fill the (non-persistent) buffer; call after the module left the meta device."""
+        self.inv_freq = self._inv_freq().to(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (N, 2, hd/4)
