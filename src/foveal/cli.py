@@ -191,6 +191,9 @@ def cmd_chat(args) -> int:
     return 0
 
 
+INFO_IMAGE_SIZES = ((336, 336), (480, 640), (960, 1280), (1080, 1920))   # (height, width)
+
+
 def info_dict(vlm) -> dict:
     counts = vlm.parameter_counts()
     described = vlm.describe()
@@ -208,11 +211,25 @@ def info_dict(vlm) -> dict:
         "image_tokens_per_image": described["image_tokens_per_image"],
         "max_image_tokens": described["max_image_tokens"],
         "image_grid_pinpoints": described["image_grid_pinpoints"],
+        "image_tokens_by_size": ({f"{w}x{h}": vlm.image_tokens((h, w)) for h, w in INFO_IMAGE_SIZES}
+                                 if described["vision_tower"] else None),
         "context_length": vlm.context_length,
         "weight_bytes": vlm.weight_bytes(),
         "weight_bytes_by_device": {t: n for t in ("cpu", "cuda") if (n := vlm.weight_bytes(t))},
     }
     return d
+
+
+def _image_tokens_line(d: dict) -> str:
+    if not d["vision_tower"]:
+        return "0"
+    if d["image_grid_pinpoints"]:
+        return (f"{d['image_tokens_per_image']}-{d['max_image_tokens']} (anyres: {d['image_size']}-px tiles at "
+                f"{', '.join(f'{h}x{w}' for h, w in d['image_grid_pinpoints'])})")
+    if d["image_size"]:
+        return f"{d['image_tokens_per_image']} ({d['image_size']} px)"
+    sizes = ", ".join(f"{size}: {n}" for size, n in d["image_tokens_by_size"].items())
+    return f"up to {d['max_image_tokens']}, by the image's size ({sizes})"
 
 
 def cmd_info(args) -> int:
@@ -231,10 +248,7 @@ def cmd_info(args) -> int:
         ("parameters", f"{_human(p['total'])} total: vision {_human(p['vision'])}, projector "
                        f"{_human(p['projector'])}, language model {_human(p['language_model'])}"),
         ("dtype", d["dtype"]),
-        ("image tokens/image", (f"{d['image_tokens_per_image']} ({d['image_size']} px)" if not d["image_grid_pinpoints"]
-                                else f"{d['image_tokens_per_image']}-{d['max_image_tokens']} (anyres: {d['image_size']}"
-                                     f"-px tiles at {', '.join(f'{h}x{w}' for h, w in d['image_grid_pinpoints'])})")
-                               if d["image_size"] else "0"),
+        ("image tokens/image", _image_tokens_line(d)),
         ("context length", d["context_length"]),
         ("weight memory", f"{d['weight_bytes'] / 2**20:.1f} MiB" + (
             " (" + ", ".join(f"{t} {n / 2**20:.1f} MiB" for t, n in d["weight_bytes_by_device"].items()) + ")"

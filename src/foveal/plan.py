@@ -218,10 +218,12 @@ def _dtype_name(dtype, device: str) -> str:
 
 
 def _load_config(cfg_or_path):
-    """A VLMConfig, a config.json dict, a config.json path or a model folder -> (VLMConfig, notes)."""
+    """A VLMConfig, a config.json dict, a config.json path or a model folder -> (family, config, notes, raw,
+    the image processor's saved settings or None)."""
     from . import config as C
+    from .models.families import llava
     if isinstance(cfg_or_path, C.VLMConfig):
-        return cfg_or_path, [], {}
+        return llava, cfg_or_path, [], {}, None
     if isinstance(cfg_or_path, dict):
         raw, folder = cfg_or_path, None
     else:
@@ -233,19 +235,11 @@ def _load_config(cfg_or_path):
         if not path.exists():
             raise ConfigError(f"{cfg_or_path}: no config.json there; give a model folder or a config.json file")
         raw = C.load_config_file(path)
-    cfg = C.config_from_hf(raw)
-    notes = []
-    if cfg.layout == "original":       # the tower's config lives with the tower
-        tower = Path(cfg.vision_tower_path)
-        found = [p for p in ([tower, folder / tower, folder / tower.name] if folder else [tower])
-                 if (p / "config.json").exists()]
-        if found:
-            C.attach_vision(cfg, C.load_config_file(found[0] / "config.json"))
-        else:
-            C.attach_vision(cfg, C.LLAVA_VISION_DEFAULT | {"image_size": 336 if "336" in tower.name else 224})
-            notes.append(f"vision tower {cfg.vision_tower_path!r} not found here: assumed CLIP ViT-L/14 at "
-                         f"{cfg.vision.image_size} px")
-    return cfg, notes, raw
+    from .models import registry
+    family = registry.family_for(raw)
+    cfg = family.config(raw)
+    notes = family.plan_complete(cfg, folder)
+    return family, cfg, notes, raw, llava.image_processor_of(folder) if folder is not None else None
 
 
 # ---- counting ---------------------------------------------------------------------------------
@@ -257,12 +251,11 @@ def _quant_bytes(mod, mode: str, group: int | None, dbytes: int) -> int:
     return n * k // 2 + 2 * n * (k // group) * dbytes + bias
 
 
-def _weights(cfg, dbytes: int, quant: str, group: int | None) -> dict:
+def _weights(family, cfg, dbytes: int, quant: str, group: int | None) -> dict:
     import torch
     from .api import no_init_weights
-    from .models.vlm import VisionLanguageModel
     with torch.device("meta"), no_init_weights():
-        model = VisionLanguageModel(cfg)
+        model = family.build(cfg)
     modes = {}
     if quant != "none":
         from .quant import plan_modules
@@ -277,10 +270,9 @@ def _weights(cfg, dbytes: int, quant: str, group: int | None) -> dict:
             quantized_params.update(f"{name}.{p}" for p, _ in mod.named_parameters())
     tied = cfg.text.tie_word_embeddings
     for name, p in model.named_parameters():
-        part = ("vision" if name.startswith("vision_tower.") else
-                "projector" if name.startswith("multi_modal_projector.") else
-                "embedding" if name.startswith("language_model.embed_tokens.") else
-                "head" if name.startswith("lm_head.") else "layers")
+        owner = model.parts.get(name.split(".", 1)[0], "language_model")
+        part = ("embedding" if name.startswith("language_model.embed_tokens.") else
+                "head" if name.startswith("lm_head.") else "layers" if owner == "language_model" else owner)
         if part == "head" and tied:
             pass                           # the same tensor as the embedding
         else:
@@ -297,30 +289,7 @@ def _weights(cfg, dbytes: int, quant: str, group: int | None) -> dict:
             "largest_block": block}
 
 
-def _max_views(cfg) -> int:
-    """Tower passes per image: 1, or an anyres model's base view + the most tiles a pinpoint has."""
-    if not cfg.anyres:
-        return 1
-    return 1 + max((h // cfg.vision.image_size) * (w // cfg.vision.image_size) for h, w in cfg.image_grid_pinpoints)
-
-
-def _vision_activations(cfg, images: int, dbytes: int) -> int:
-    v = cfg.vision
-    if v is None or images == 0:
-        return 0
-    if cfg.anyres:      # images are encoded one at a time, each as a batch of its views
-        images = _max_views(cfg)
-    t = v.num_patches + (0 if v.is_siglip else 1)
-    n_run = max(i if i >= 0 else v.num_hidden_layers + 1 + i for i in cfg.feature_layers)
-    pixels = 3 * v.image_size ** 2 * 4 * 2                         # float32 preprocess output + its copy
-    kept = (n_run + 1) * t * v.hidden_size * dbytes                # every hidden state is kept
-    layer = t * (6 * v.hidden_size + 2 * v.intermediate_size) * dbytes   # norm, qkv, attn out, residual, MLP
-    attn = v.num_attention_heads * t * t * 4                        # SDPA's score matrix (math path, fp32)
-    features = t * cfg.text.hidden_size * dbytes * 2                # projector hidden + output
-    return images * (pixels + kept + layer + attn + features)
-
-
-def _prefill_activations(cfg, tokens: int, cache_len: int, images: int, dbytes: int) -> int:
+def _prefill_activations(cfg, tokens: int, cache_len: int, images: int, per_image: int, dbytes: int) -> int:
     t = cfg.text
     qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
     per_token = (4 * t.hidden_size * dbytes            # embeddings, residual stream, normed input, attn/mlp out
@@ -328,7 +297,7 @@ def _prefill_activations(cfg, tokens: int, cache_len: int, images: int, dbytes: 
                  + (qkv + t.num_attention_heads * t.head_dim) * dbytes * 2   # q, k, v, roped copies, attn out
                  + 3 * t.intermediate_size * dbytes    # gate, up, silu(gate) * up
                  + cache_len)                          # the (T, S) boolean causal mask
-    image_embeds = images * cfg.max_image_tokens * t.hidden_size * dbytes * 2   # engine + image cache
+    image_embeds = images * per_image * t.hidden_size * dbytes * 2   # engine + image cache
     logits = t.vocab_size * 4 * 2                       # last position only, + the sampler's float copy
     return tokens * per_token + image_embeds + logits
 
@@ -370,7 +339,7 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
     dtype_name = _dtype_name(dtype, device)
     dbytes = DTYPE_BYTES[dtype_name]
     budget = parse_size(memory) if memory is not None else available_memory(device)
-    cfg, notes, raw = _load_config(cfg_or_path)
+    family, cfg, notes, raw, image_processor = _load_config(cfg_or_path)
     if memory is None and budget is not None:
         notes.append(f"budget = memory available on the {device} now; pass --memory to plan for another machine")
     t = cfg.text
@@ -381,10 +350,8 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
     if images and cfg.vision is None:
         notes.append("a text-only model: images ignored")
         images = 0
-    per_image = cfg.max_image_tokens
-    if cfg.anyres:
-        notes.append(f"anyres (LLaVA-NeXT): an image takes {cfg.image_tokens_per_image} to {per_image} tokens by "
-                     f"its size and aspect ({_max_views(cfg)} tower passes at most); planned at the most")
+    per_image, vision_activations, vision_notes = family.plan_vision(cfg, images, dbytes, image_processor)
+    notes += vision_notes
     if images * per_image >= ctx:
         raise ContextLengthError(images * per_image + 1, ctx, f"{images} image(s) (x {per_image} tokens)")
     load_peak = 0
@@ -395,7 +362,7 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
                               f"plan it without --quant")
         mode, group = saved.get("mode", "int8"), saved.get("group_size")
         notes.append(f"a quantized checkpoint ({mode}): sizes as saved")
-    w = _weights(cfg, dbytes, mode, group)
+    w = _weights(family, cfg, dbytes, mode, group)
     s = w["sizes"]
     if mode != "none" and not saved:
         # one float matrix at a time, and float32 temporaries of BLOCK_ROWS of its rows (the block,
@@ -407,8 +374,8 @@ def plan(cfg_or_path, *, device: str = "cpu", memory=None, ctx: int | None = 409
     p = Plan(device=device, dtype=dtype_name, quant=mode if mode == "none" or mode == "int8" else f"int4-g{group}",
              ctx=ctx, images=images, memory=budget, image_tokens_per_image=per_image, parameters=w["params"],
              vision=s["vision"], projector=s["projector"], embedding=s["embedding"], layers=s["layers"],
-             head=s["head"], kv_cache=kv, vision_activations=_vision_activations(cfg, images, dbytes),
-             prefill_activations=_prefill_activations(cfg, ctx, ctx, images, dbytes),
+             head=s["head"], kv_cache=kv, vision_activations=vision_activations,
+             prefill_activations=_prefill_activations(cfg, ctx, ctx, images, per_image, dbytes),
              overhead=CUDA_OVERHEAD_BYTES if device == "cuda" else CPU_OVERHEAD_BYTES,
              n_layers=w["n_layers"], layer_bytes=s["layers"] // max(w["n_layers"], 1), load_peak=load_peak,
              notes=notes)
@@ -444,12 +411,12 @@ def check_fits(vlm, prompt_tokens: int, max_tokens: int, images: int = 0, *, ava
     dbytes = DTYPE_BYTES[str(vlm.dtype).replace("torch.", "")]
     needed_tokens = prompt_tokens + max(0, min(max_tokens, ctx - prompt_tokens))
     cache_len = min(-(-needed_tokens // CACHE_BLOCK) * CACHE_BLOCK, max(ctx, needed_tokens))
-    lm = vlm.model.language_model
-    held = lm.max_cache_len if lm.layers and lm.layers[0].self_attn.kv_cache is not None else 0
+    held = vlm.model.cache_len
     kv_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dbytes
     new_kv = kv_per_token * cache_len if cache_len > held else 0
-    activations = max(_vision_activations(cfg, images, dbytes),
-                      _prefill_activations(cfg, prompt_tokens, max(cache_len, held), images, dbytes))
+    per_image, vision_activations, _ = vlm.family.plan_vision(cfg, images, dbytes, None, vlm.processor)
+    activations = max(vision_activations,
+                      _prefill_activations(cfg, prompt_tokens, max(cache_len, held), images, per_image, dbytes))
     needed = new_kv + activations
     if available is None:
         available = available_memory(torch_device_type(vlm.device))

@@ -55,6 +55,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _part(model: nn.Module, name: str) -> str | None:
+    """Which part a module belongs to: the family's model says (`parts`, by top-level name)."""
+    parts = getattr(model, "parts", None)
+    if parts is not None:
+        return parts.get(name.split(".", 1)[0])
+    return "language_model" if name.startswith(LM_PREFIXES) else "vision" if name.startswith(VISION_PREFIXES) else None
+
+
 def plan_modules(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP,
                  vision: str | None = None) -> dict[str, str]:
     """name -> "int8" | "int4" for every linear that `quantize_model` would quantize."""
@@ -68,7 +76,8 @@ def plan_modules(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP,
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        want = mode if name.startswith(LM_PREFIXES) else vision if name.startswith(VISION_PREFIXES) else None
+        part = _part(model, name)
+        want = mode if part == "language_model" else vision if part in ("vision", "projector") else None
         if want == "int4" and mod.in_features % group_size:
             want = "int8"
         # The output head stays int8 under int4, as llama.cpp keeps `output` at Q6_K/Q8_0: every

@@ -84,6 +84,51 @@ def describe(cfg: C.VLMConfig, processor=None) -> dict:
     }
 
 
+# ---- memory planning (plan.py asks) ------------------------------------------------------------
+def plan_complete(cfg: C.VLMConfig, folder: Path | None) -> list[str]:
+    """The original layout's tower config, for a plan from config files alone (no weights needed)."""
+    if cfg.layout != "original":
+        return []
+    tower = Path(cfg.vision_tower_path)
+    found = [p for p in ([tower, folder / tower, folder / tower.name] if folder else [tower])
+             if (p / "config.json").exists()]
+    if found:
+        C.attach_vision(cfg, C.load_config_file(found[0] / "config.json"))
+        return []
+    C.attach_vision(cfg, C.LLAVA_VISION_DEFAULT | {"image_size": 336 if "336" in tower.name else 224})
+    return [f"vision tower {cfg.vision_tower_path!r} not found here: assumed CLIP ViT-L/14 at "
+            f"{cfg.vision.image_size} px"]
+
+
+def _max_views(cfg: C.VLMConfig) -> int:
+    """Tower passes per image: 1, or an anyres model's base view + the most tiles a pinpoint has."""
+    if not cfg.anyres:
+        return 1
+    return 1 + max((h // cfg.vision.image_size) * (w // cfg.vision.image_size) for h, w in cfg.image_grid_pinpoints)
+
+
+def plan_vision(cfg: C.VLMConfig, images: int, dbytes: int, image_processor: dict | None = None,
+                processor=None) -> tuple[int, int, list[str]]:
+    """(the most tokens one image takes, bytes of activations to encode `images` images, notes)."""
+    per_image = cfg.max_image_tokens
+    v = cfg.vision
+    if v is None or images == 0:
+        return per_image, 0, []
+    notes = []
+    if cfg.anyres:      # images are encoded one at a time, each as a batch of its views
+        notes.append(f"anyres (LLaVA-NeXT): an image takes {cfg.image_tokens_per_image} to {per_image} tokens by "
+                     f"its size and aspect ({_max_views(cfg)} tower passes at most); planned at the most")
+        images = _max_views(cfg)
+    t = v.num_patches + (0 if v.is_siglip else 1)
+    n_run = max(i if i >= 0 else v.num_hidden_layers + 1 + i for i in cfg.feature_layers)
+    pixels = 3 * v.image_size ** 2 * 4 * 2                         # float32 preprocess output + its copy
+    kept = (n_run + 1) * t * v.hidden_size * dbytes                # every hidden state is kept
+    layer = t * (6 * v.hidden_size + 2 * v.intermediate_size) * dbytes   # norm, qkv, attn out, residual, MLP
+    attn = v.num_attention_heads * t * t * 4                        # SDPA's score matrix (math path, fp32)
+    features = t * cfg.text.hidden_size * dbytes * 2                # projector hidden + output
+    return per_image, images * (pixels + kept + layer + attn + features), notes
+
+
 class LlavaProcessor:
     """Messages -> token ids with a fixed (or, anyres, size-dependent) number of slots per image."""
 

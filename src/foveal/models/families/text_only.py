@@ -19,6 +19,8 @@ def complete(cfg: C.VLMConfig, ck: Checkpoint, vision_tower=None) -> None:
 
 
 build = llava.build
+plan_complete = llava.plan_complete
+plan_vision = llava.plan_vision
 
 
 def processor(cfg: C.VLMConfig, ck: Checkpoint, image_mode: str | None = None) -> llava.LlavaProcessor:

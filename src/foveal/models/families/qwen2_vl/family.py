@@ -159,6 +159,35 @@ def describe(cfg: QwenVLConfig, processor: "QwenVLProcessor | None" = None) -> d
     }
 
 
+# ---- memory planning (plan.py asks) ------------------------------------------------------------
+def plan_complete(cfg: QwenVLConfig, folder) -> list[str]:
+    return []
+
+
+EXAMPLE_SIZES = ((480, 640), (960, 1280), (1080, 1920))    # (height, width)
+
+
+def plan_vision(cfg: QwenVLConfig, images: int, dbytes: int, image_processor: dict | None = None,
+                processor: "QwenVLProcessor | None" = None) -> tuple[int, int, list[str]]:
+    """Planned at the pixel budget's largest image: (its tokens, the tower's activations for `images`
+    such images encoded in one batch, a note with the count at common sizes)."""
+    ipc = processor.image_config if processor is not None else QwenProcessorConfig.from_hf(image_processor or {})
+    per_image = ipc.max_pixels // ipc.factor ** 2
+    if images == 0:
+        return per_image, 0, []
+    v = cfg.vision
+    n = per_image * v.merge_unit                                   # patches of one image
+    pixels = n * v.patch_dim * 4 * 2                               # float32 pixel rows + the cast copy
+    layer = n * (6 * v.width + 2 * v.intermediate_size) * dbytes   # norm, qkv, attn out, residual, MLP
+    kept = 2 * n * v.width * dbytes                                # the residual stream and one block's input
+    merger = per_image * (v.merge_unit * v.width + v.out_width) * dbytes * 2
+    attn = v.num_heads * n * n * 4                                  # one image's score matrix at a time (fp32)
+    examples = ", ".join(f"{w}x{h}: {image_token_count(h, w, ipc)}" for h, w in EXAMPLE_SIZES)
+    note = (f"dynamic resolution: an image takes {ipc.min_pixels // ipc.factor ** 2}-{per_image} tokens by its "
+            f"size ({examples}); planned at the most")
+    return per_image, images * (pixels + layer + kept + merger) + attn, [note]
+
+
 class QwenVLModel(DecoderVLM):
     parts = {"visual": "vision", "language_model": "language_model", "lm_head": "language_model"}
 
