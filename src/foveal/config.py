@@ -287,6 +287,11 @@ def config_from_hf(d: dict) -> VLMConfig:
                         vision_feature_layer=layer,
                         vision_feature_select_strategy=get("vision_feature_select_strategy"),
                         layout="llava-hf", architecture="LlavaForConditionalGeneration")
+        # transformers 5 ties by the top-level flag; LlavaConfig also takes text_config's (older saves)
+        if model_type == "llava":
+            text.tie_word_embeddings = bool(d.get("tie_word_embeddings")) or text.tie_word_embeddings
+        elif "tie_word_embeddings" in d:
+            text.tie_word_embeddings = bool(d["tie_word_embeddings"])
         if model_type == "llava_next":
             cfg.architecture = "LlavaNextForConditionalGeneration"
             cfg.image_grid_pinpoints = _pinpoints(LLAVA_NEXT_PINPOINTS if d.get("image_grid_pinpoints") is None

@@ -220,4 +220,19 @@ def _image_config(cfg: C.VLMConfig, image_processor: dict | None, raw: dict,
         if image_mode not in ("crop", "pad", "resize"):
             raise ConfigError(f"image_mode {image_mode!r} is not supported; use crop, pad or resize")
         ipc.mode = image_mode
+    _check_output_size(ipc, cfg)
     return ipc
+
+
+def _check_output_size(ipc: ImageProcessorConfig, cfg: C.VLMConfig) -> None:
+    """A tower's position embeddings fit one image size: say so before any pixel runs (transformers fails
+    later, with a shape mismatch inside the tower)."""
+    try:
+        h, w = ipc.output_size()
+    except ConfigError:
+        return          # sized by the image (no crop, no fixed height/width): the tower checks each image
+    s = cfg.vision.image_size
+    if (h, w) != (s, s):
+        raise ConfigError(f"the image processor config (preprocessor_config.json: size / crop_size) makes {w}x{h} "
+                          f"px images, but the vision tower (config.json: vision_config.image_size) is built for "
+                          f"{s}x{s} px; make the two agree (crop_size and size of {s})")
