@@ -179,3 +179,41 @@ def test_unknown_family_lists_what_is_supported():
         foveal.models.registry.family_for({"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]})
     msg = str(info.value)
     assert "'idefics3'" in msg and "Qwen2-VL" in msg and "LLaVA" in msg and "text-only" in msg
+
+
+# ---- a request's image-token budget ------------------------------------------------------------
+def test_image_token_budget_matches_transformers_with_the_same_pixel_budget(pair):
+    import transformers as T
+    kind, folder, ours, hf, processor = pair
+    image = _image((700, 500), 5)
+    messages = _ask("What is in this image?", image)
+    low = dict(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    budget_processor = T.Qwen2VLProcessor.__new__(T.Qwen2VLProcessor)
+    budget_processor.__dict__.update(processor.__dict__)
+    budget_processor.image_processor = T.Qwen2VLImageProcessorPil(**low, patch_size=14, merge_size=2,
+                                                                  temporal_patch_size=2)
+    ref_inputs = _hf_inputs(budget_processor, messages, [image])
+    ids, logits = ours.prompt_logits(messages, min_image_tokens=4, max_image_tokens=16)
+    assert ids == ref_inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = hf(**ref_inputs).logits[0]
+    assert (logits - ref).abs().max().item() <= 1e-4
+    n = ref_inputs["input_ids"][0].eq(ours.config.image_token_id).sum().item()
+    assert 4 <= n <= 16 < ours.image_tokens((500, 700))
+    assert ours.count_tokens(messages, max_image_tokens=16) == len(ids)
+    # the same image without the budget is encoded again, not taken from the cache at its other size
+    r = ours.generate(messages, max_tokens=1)
+    assert r.stats.image_tokens == ours.image_tokens((500, 700))
+    assert ours.generate(messages, max_tokens=1, max_image_tokens=16).stats.image_tokens == n
+
+
+def test_an_empty_or_nonsensical_budget_is_refused_by_name(pair):
+    _, _, ours, _, _ = pair
+    messages = _ask("What?", _image((100, 60)))
+    from foveal.errors import PromptError, SamplingError
+    with pytest.raises(SamplingError, match="min_image_tokens .* is above max_image_tokens"):
+        ours.generate(messages, min_image_tokens=20, max_image_tokens=10)
+    with pytest.raises(SamplingError, match="max_image_tokens must be >= 1"):
+        ours.generate(messages, max_image_tokens=0)
+    with pytest.raises(PromptError, match="budget .* is empty"):
+        ours.generate(messages, min_image_tokens=1000)     # above the model's own 64-token maximum

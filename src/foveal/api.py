@@ -163,9 +163,9 @@ class VLM:
         return total
 
     # ---- requests ----------------------------------------------------------------------
-    def _prepare(self, messages, stats: Stats):
+    def _prepare(self, messages, stats: Stats, budget=None):
         t0 = time.perf_counter()
-        prepared = self.processor.prepare(messages, self.image_limits)
+        prepared = self.processor.prepare(messages, self.image_limits, budget)
         stats.images = len(prepared.images)
         stats.preprocess_s = time.perf_counter() - t0
         embeds = self.engine.image_embeds(prepared.images, self.processor, stats)
@@ -180,7 +180,7 @@ class VLM:
         constraint = json_constraint(format, self.tokenizer, self.config.text.vocab_size, self.engine.eos_ids)
         stats = Stats()
         t0 = time.perf_counter()
-        p, embeds = self._prepare(messages, stats)
+        p, embeds = self._prepare(messages, stats, opts.image_budget)
         stats.total_s = time.perf_counter() - t0
         splitter = ThinkingSplitter()
         keys = [(c.key, c.n_tokens) for c in p.images]
@@ -201,13 +201,17 @@ class VLM:
             last = chunk
         return GenerationResult("".join(text), ids, last.finish_reason, last.stats, "".join(thinking))
 
-    def prompt_logits(self, messages) -> tuple[list[int], torch.Tensor]:
+    def prompt_logits(self, messages, *, min_image_tokens=None, max_image_tokens=None) -> tuple[list[int], torch.Tensor]:
         """(prompt token ids, logits (T, V) at every position) for messages, without generating."""
-        p, embeds = self._prepare(messages, Stats())
+        budget = SamplingOptions.from_kwargs(min_image_tokens=min_image_tokens,
+                                             max_image_tokens=max_image_tokens).image_budget
+        p, embeds = self._prepare(messages, Stats(), budget)
         return p.input_ids, self.engine.prompt_logits(p.input_ids, p.image_mask, embeds, p.positions)
 
-    def count_tokens(self, messages) -> int:
-        return self.processor.count_tokens(messages, self.image_limits)
+    def count_tokens(self, messages, *, min_image_tokens=None, max_image_tokens=None) -> int:
+        budget = SamplingOptions.from_kwargs(min_image_tokens=min_image_tokens,
+                                             max_image_tokens=max_image_tokens).image_budget
+        return self.processor.count_tokens(messages, self.image_limits, budget)
 
     def unload(self) -> None:
         self.engine.unload()

@@ -43,12 +43,17 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--image-min-tokens", type=int, default=None, metavar="N",
+                   help="dynamic-resolution models (Qwen2-VL): resize each image to take at least N tokens")
+    p.add_argument("--image-max-tokens", type=int, default=None, metavar="N",
+                   help="dynamic-resolution models (Qwen2-VL): resize each image to take at most N tokens")
 
 
 def _sampling(args) -> dict:
     from .engine.sampling import SamplingOptions
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
+                   min_image_tokens=args.image_min_tokens, max_image_tokens=args.image_max_tokens)
     SamplingOptions.from_kwargs(**options)      # refuse a bad value before a model takes seconds to load
     return options
 

@@ -31,6 +31,11 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # the request's image-token budget (llama.cpp's --image-min-tokens / --image-max-tokens): each
+    # image of a dynamic-resolution model is resized to take between these many tokens; a model
+    # whose images take a fixed count refuses a budget it cannot keep
+    min_image_tokens: int | None = None
+    max_image_tokens: int | None = None
 
     MAX_STOP_STRINGS = 16
 
@@ -65,6 +70,13 @@ class SamplingOptions:
         if self.seed is not None:
             number("seed", integer=True)
             self.seed = self.seed % (2 ** 63)        # torch wants a non-negative 64-bit seed
+        for name in ("min_image_tokens", "max_image_tokens"):
+            if getattr(self, name) is not None:
+                number(name, 1, integer=True)
+        if self.min_image_tokens is not None and self.max_image_tokens is not None \
+                and self.min_image_tokens > self.max_image_tokens:
+            raise SamplingError(f"min_image_tokens ({self.min_image_tokens}) is above max_image_tokens "
+                                f"({self.max_image_tokens})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
@@ -72,6 +84,13 @@ class SamplingOptions:
         self.stop = [s for s in self.stop if s]
         if len(self.stop) > self.MAX_STOP_STRINGS:
             raise SamplingError(f"at most {self.MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+
+    @property
+    def image_budget(self) -> tuple[int | None, int | None] | None:
+        """(min, max) image tokens, None where neither is set."""
+        if self.min_image_tokens is None and self.max_image_tokens is None:
+            return None
+        return self.min_image_tokens, self.max_image_tokens
 
     @property
     def greedy(self) -> bool:

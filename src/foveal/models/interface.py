@@ -34,10 +34,12 @@ class ImageChunk:
     """One image of a prompt (mtmd_input_chunk of type IMAGE)."""
     image: LoadedImage           # decoded and validated; .sha256 is the cache key
     n_tokens: int                # slots it takes in the sequence
+    options: Any = None          # the family's preprocessing settings for it (a request's pixel budget)
+    variant: str = ""            # what besides the pixels its embedding depends on (that budget)
 
     @property
     def key(self) -> str:
-        return self.image.sha256
+        return self.image.sha256 + self.variant
 
     @property
     def size(self) -> tuple[int, int]:
@@ -74,8 +76,9 @@ class Processor(Protocol):
     """Messages -> `Prepared`, for one loaded model."""
     image_config: Any                        # the family's image-processing settings (None: text only)
 
-    def prepare(self, messages, limits) -> Prepared: ...
-    def count_tokens(self, messages, limits) -> int: ...
+    # budget: (min, max) image tokens of the request (SamplingOptions.image_budget), or None
+    def prepare(self, messages, limits, budget=None) -> Prepared: ...
+    def count_tokens(self, messages, limits, budget=None) -> int: ...
     def pixels(self, chunks: list[ImageChunk]) -> Any: ...       # what `encode` takes, for these images
     def image_tokens(self, size: tuple[int, int]) -> int: ...    # tokens one (height, width) image takes
 

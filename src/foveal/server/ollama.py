@@ -35,7 +35,9 @@ router = APIRouter()
 # Ollama's Modelfile defaults; num_predict -1 (until the context is full).
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.0}
 OPTION_NAMES = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty"}
+                "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty",
+                # foveal's own (Ollama has no image-token budget): as llama.cpp's --image-min/max-tokens
+                "min_image_tokens": "min_image_tokens", "max_image_tokens": "max_image_tokens"}
 RENAME_BACK = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
 Duration = Union[StrictInt, StrictFloat, StrictStr]
 

@@ -52,6 +52,9 @@ class ChatCompletionRequest(BaseModel):
     logprobs: StrictBool | None = None
     frequency_penalty: Number | None = None
     presence_penalty: Number | None = None
+    # foveal's own (extra_body): each image's token budget on a dynamic-resolution model
+    min_image_tokens: StrictInt | None = None
+    max_image_tokens: StrictInt | None = None
 
 
 def _bad(message: str, param: str | None = None) -> APIError:
@@ -83,7 +86,8 @@ def sampling_options(body: ChatCompletionRequest, context_length: int) -> dict:
     if isinstance(body.stop, list) and len(body.stop) > 4:
         raise _bad(f"stop takes at most 4 sequences, got {len(body.stop)}", "stop")
     opts = {"max_tokens": max_tokens or context_length, "temperature": 1.0 if body.temperature is None
-            else body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stop}
+            else body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stop,
+            "min_image_tokens": body.min_image_tokens, "max_image_tokens": body.max_image_tokens}
     opts = {k: v for k, v in opts.items() if v is not None}
     validate_options(opts, {"max_tokens": name})
     if fmt is not None:

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ... import config as C
-from ...errors import ConfigError, ModelNotFoundError
+from ...errors import ConfigError, ModelNotFoundError, PromptError
 from ...processing.images import ImageProcessorConfig, load_image, preprocess_batch, preprocess_views
 from ...processing.prompt import IMAGE_PLACEHOLDER, PromptBuilder, normalize_messages
 from ...weights.safetensors import open_checkpoint
@@ -138,22 +138,24 @@ class LlavaProcessor:
     def image_tokens(self, size: tuple[int, int]) -> int:
         return self.cfg.image_tokens(size)
 
-    def prepare(self, messages, limits) -> Prepared:
+    def prepare(self, messages, limits, budget=None) -> Prepared:
         template_messages, sources = normalize_messages(messages, self.prompt.template)
         inputs = self.prompt.build(template_messages, n_images=len(sources))   # prompt errors before decoding
         loaded = [load_image(src, limits) for src in sources]
         counts = [self.image_tokens((im.height, im.width)) for im in loaded]
+        _check_budget(counts, loaded, budget)
         if self.cfg.anyres:
             inputs = self.prompt.build(template_messages, n_images=len(loaded), image_tokens=counts)
         return Prepared(inputs.input_ids, inputs.image_mask, [ImageChunk(im, n) for im, n in zip(loaded, counts)],
                         text=inputs.text)
 
-    def count_tokens(self, messages, limits) -> int:
+    def count_tokens(self, messages, limits, budget=None) -> int:
         template_messages, sources = normalize_messages(messages, self.prompt.template)
         counts = None
-        if self.cfg.anyres:      # the count depends on each image's size
-            counts = [self.image_tokens((im.height, im.width))
-                      for im in (load_image(src, limits) for src in sources)]
+        if self.cfg.anyres or budget:      # the count depends on each image's size
+            loaded = [load_image(src, limits) for src in sources]
+            counts = [self.image_tokens((im.height, im.width)) for im in loaded]
+            _check_budget(counts, loaded, budget)
         return len(self.prompt.build(template_messages, n_images=len(sources), image_tokens=counts).input_ids)
 
     def pixels(self, chunks: list[ImageChunk]):
@@ -161,6 +163,19 @@ class LlavaProcessor:
         if self.cfg.anyres:
             return [(preprocess_views(c.image.image, self.image_config), c.size) for c in chunks]
         return preprocess_batch([c.image.image for c in chunks], self.image_config)
+
+
+def _check_budget(counts: list[int], images, budget) -> None:
+    """A LLaVA image's token count follows from the model (and, anyres, the image's size): a request's
+    budget is kept or refused, never met by resizing."""
+    if not budget:
+        return
+    lo, hi = budget
+    for n, im in zip(counts, images):
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
+            raise PromptError(f"an image of {im.width}x{im.height} px takes {n} tokens on this model, outside the "
+                              f"request's image-token budget ({lo or 1}-{hi or 'any'}); its images are not resized "
+                              f"to a budget (only dynamic-resolution families, e.g. Qwen2-VL, are)")
 
 
 # ---- checkpoint files ----------------------------------------------------------------------

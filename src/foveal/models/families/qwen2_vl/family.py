@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .... import config as C
-from ....errors import ConfigError
+from ....errors import ConfigError, PromptError
 from ....processing.images import load_image
 from ....processing.prompt import PromptBuilder, normalize_messages
 from ...cpu import matmuls
@@ -34,7 +34,7 @@ from ...interface import Checkpoint, ImageChunk, Prepared
 from ...vlm import DecoderVLM
 from .config import QwenVisionConfig, mrope_section
 from .positions import rope_index
-from .image_processing import IMAGE_DEFAULTS, QwenProcessorConfig, image_grid, image_token_count, process_images
+from .image_processing import IMAGE_DEFAULTS, QwenProcessorConfig, image_grid, image_token_count, process_image
 from .vision import QwenVisionTower
 
 NAME = "qwen2_vl"
@@ -225,26 +225,42 @@ class QwenVLProcessor:
     def image_tokens(self, size: tuple[int, int]) -> int:
         return image_token_count(size[0], size[1], self.image_config)
 
-    def _build(self, messages, limits):
+    def budgeted(self, budget) -> tuple[QwenProcessorConfig, str]:
+        """The image settings for a request's (min, max) image tokens, and the cache-key suffix they imply."""
+        if not budget:
+            return self.image_config, ""
+        lo, hi = budget
+        per_token = self.image_config.factor ** 2
+        lo_px = self.image_config.min_pixels if lo is None else lo * per_token
+        hi_px = self.image_config.max_pixels if hi is None else hi * per_token
+        if lo_px > hi_px:
+            raise PromptError(f"the image-token budget ({lo or 'the model default'}-{hi or 'the model default'}) "
+                              f"is empty: this model's images take {self.image_config.min_pixels // per_token}-"
+                              f"{self.image_config.max_pixels // per_token} tokens unless both ends are given")
+        return self.image_config.budget(lo_px, hi_px), f":{lo_px}-{hi_px}"
+
+    def _build(self, messages, limits, budget=None):
+        ipc, variant = self.budgeted(budget)
         template_messages, sources = normalize_messages(messages, self.prompt.template)
         self.prompt.build(template_messages, n_images=len(sources), image_tokens=[1] * len(sources))
         loaded = [load_image(src, limits) for src in sources]
-        counts = [self.image_tokens((im.height, im.width)) for im in loaded]
+        counts = [image_token_count(im.height, im.width, ipc) for im in loaded]
         inputs = self.prompt.build(template_messages, n_images=len(loaded), image_tokens=counts)
-        return inputs, loaded, counts
+        return inputs, loaded, counts, ipc, variant
 
-    def prepare(self, messages, limits) -> Prepared:
-        inputs, loaded, counts = self._build(messages, limits)
-        grids = [image_grid(im.height, im.width, self.image_config) for im in loaded]
+    def prepare(self, messages, limits, budget=None) -> Prepared:
+        inputs, loaded, counts, ipc, variant = self._build(messages, limits, budget)
+        grids = [image_grid(im.height, im.width, ipc) for im in loaded]
         positions, delta = rope_index(inputs.input_ids, grids or None, None,
                                       spatial_merge_size=self.cfg.vision.spatial_merge_size,
                                       image_token_id=self.cfg.image_token_id,
                                       video_token_id=self.cfg.video_token_id, kind=self.cfg.kind)
-        return Prepared(inputs.input_ids, inputs.image_mask, [ImageChunk(im, n) for im, n in zip(loaded, counts)],
-                        positions=positions, next_position=len(inputs.input_ids) + int(delta), text=inputs.text)
+        chunks = [ImageChunk(im, n, ipc, variant) for im, n in zip(loaded, counts)]
+        return Prepared(inputs.input_ids, inputs.image_mask, chunks, positions=positions, next_position=len(inputs.input_ids) + int(delta), text=inputs.text)
 
-    def count_tokens(self, messages, limits) -> int:
-        return len(self._build(messages, limits)[0].input_ids)
+    def count_tokens(self, messages, limits, budget=None) -> int:
+        return len(self._build(messages, limits, budget)[0].input_ids)
 
     def pixels(self, chunks: list[ImageChunk]):
-        return process_images([c.image.image for c in chunks], self.image_config)
+        parts = [process_image(c.image.image, c.options or self.image_config) for c in chunks]
+        return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
