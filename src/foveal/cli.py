@@ -294,6 +294,7 @@ def cmd_serve(args) -> int:
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("FOVEAL_API_KEY"),
                           insecure=args.insecure, allowed_hosts=args.allowed_host or [],
                           cors_origins=args.cors_origin or [], max_body_bytes=args.max_body_mb * 2**20,
+                          max_header_bytes=args.max_header_kb * 2**10,
                           max_queue=args.max_queue, max_images=args.max_images,
                           image_url_domains=args.allow_image_host or [],
                           image_root=Path(args.image_root).expanduser() if args.image_root else None,
@@ -412,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-image-host", action="append", help="host from which image URLs may be fetched")
     p.add_argument("--image-root", default=None, help="folder under which file:// image URLs may be read")
     p.add_argument("--max-body-mb", type=int, default=64, help="request body limit in MiB (default 64)")
+    p.add_argument("--max-header-kb", type=int, default=16,
+                   help="request line + headers limit in KiB; over it: 431 (default 16)")
     p.add_argument("--max-queue", type=int, default=16, help="queued requests per model before 503 (default 16)")
     p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     p.add_argument("--keep-alive", default="-1", help="idle time before a model unloads, e.g. 5m (default -1: "
