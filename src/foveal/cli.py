@@ -263,6 +263,25 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_pull(args) -> int:
+    from .weights.pull import parse_ref, pull
+    from .weights.resolve import resolve
+    folder = pull(args.ref, revision=args.revision, include=args.include)
+    repo_id, file, revision = parse_ref(args.ref, args.revision)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    print(f"pulled {repo_id}{'@' + revision if revision else ''} (commit {folder.name[:12]}): {len(files)} files, "
+          f"{size / 2**20:.1f} MiB in {folder}")
+    ref = "hf:" + repo_id + (f"/{file}" if file else "") + (f"@{revision}" if revision else "")
+    try:
+        found = resolve(ref)
+    except FovealError as e:    # e.g. --include left the weights out
+        print(f"note: {ref} does not load from these files yet: {e}", file=sys.stderr)
+        return 0
+    print(f"load it with: foveal run {ref} ...  ({found.kind}, {'vision' if found.is_vlm else 'text only'})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .weights.gguf import read_hf_folder, write_gguf
     from .weights.resolve import resolve
@@ -395,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type of the output head / tied embedding (default: f16 for q8_0, q8_0 for q4_0, "
                         "else --type), like llama-quantize's --output-tensor-type")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the HF cache (resumable)")
+    p.add_argument("ref", metavar="REF", help="hf:ORG/NAME or ORG/NAME (optionally /FILE.gguf, @REVISION)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default main)")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="fetch only files matching GLOB (repeatable; default: what loading reads: *.json, "
+                        "*.safetensors, *.jinja, *.txt, *.model)")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("ls", help="models found in the HF cache, the Ollama store and LM Studio's folders")
     p.add_argument("--json", action="store_true")
