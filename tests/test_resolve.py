@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from foveal.errors import ConfigError, ModelNotFoundError, WeightsError
+from foveal.errors import ConfigError, FovealError, ModelNotFoundError, WeightsError
 from foveal.weights.resolve import _gguf_architecture, list_models, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -257,7 +257,7 @@ def test_hf_not_cached_names_cache_and_similar_names(stores):
         resolve("hf:org/tiny-lava")
     message = str(error.value)
     assert str(stores["cache"]) in message and "org/tiny-llava" in message
-    assert "allow_download" in message
+    assert "foveal pull hf:org/tiny-lava" in message      # a command that exists (cli pull)
     with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache"):
         resolve("hf:org/tiny-llava@v9")
 
@@ -274,7 +274,7 @@ def test_download_only_when_allowed_and_failures_are_typed(stores, monkeypatch):
         return str(write_hf_folder(kwargs["cache_dir"] / "models--org--new" / "snapshots" / COMMIT))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    with pytest.raises(ModelNotFoundError, match="allow_download"):
+    with pytest.raises(ModelNotFoundError, match="foveal pull hf:org/new"):
         resolve("hf:org/new")
     assert calls == []
     model = resolve("hf:org/new", allow_download=True, revision="main")
@@ -283,7 +283,7 @@ def test_download_only_when_allowed_and_failures_are_typed(stores, monkeypatch):
     assert repo_id == "org/new" and kwargs["revision"] == "main"
     assert kwargs["cache_dir"] == stores["cache"] and "*.safetensors" in kwargs["allow_patterns"]
     assert not any(p.endswith(".bin") for p in kwargs["allow_patterns"])
-    with pytest.raises(ModelNotFoundError, match="404"):
+    with pytest.raises(FovealError, match="404"):        # an OSError: the download failed (pull.py)
         resolve("hf:org/gone", allow_download=True)
 
 

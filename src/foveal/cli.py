@@ -283,6 +283,25 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_pull(args) -> int:
+    from .weights.pull import parse_ref, pull
+    from .weights.resolve import resolve
+    folder = pull(args.ref, revision=args.revision, include=args.include)
+    repo_id, file, revision = parse_ref(args.ref, args.revision)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    print(f"pulled {repo_id}{'@' + revision if revision else ''} (commit {folder.name[:12]}): {len(files)} files, "
+          f"{size / 2**20:.1f} MiB in {folder}")
+    ref = "hf:" + repo_id + (f"/{file}" if file else "") + (f"@{revision}" if revision else "")
+    try:
+        found = resolve(ref)
+    except FovealError as e:    # e.g. --include left the weights out
+        print(f"note: {ref} does not load from these files yet: {e}", file=sys.stderr)
+        return 0
+    print(f"load it with: foveal run {ref} ...  ({found.kind}, {'vision' if found.is_vlm else 'text only'})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .weights.gguf import read_hf_folder, write_gguf
     from .weights.resolve import resolve
@@ -314,6 +333,7 @@ def cmd_serve(args) -> int:
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("FOVEAL_API_KEY"),
                           insecure=args.insecure, allowed_hosts=args.allowed_host or [],
                           cors_origins=args.cors_origin or [], max_body_bytes=args.max_body_mb * 2**20,
+                          max_header_bytes=args.max_header_kb * 2**10,
                           max_queue=args.max_queue, max_images=args.max_images,
                           image_url_domains=args.allow_image_host or [],
                           image_root=Path(args.image_root).expanduser() if args.image_root else None,
@@ -415,6 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "else --type), like llama-quantize's --output-tensor-type")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the HF cache (resumable)")
+    p.add_argument("ref", metavar="REF", help="hf:ORG/NAME or ORG/NAME (optionally /FILE.gguf, @REVISION)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default main)")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="fetch only files matching GLOB (repeatable; default: what loading reads: *.json, "
+                        "*.safetensors, *.jinja, *.txt, *.model)")
+    p.set_defaults(func=cmd_pull)
+
     p = sub.add_parser("ls", help="models found in the HF cache, the Ollama store and LM Studio's folders")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
@@ -432,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-image-host", action="append", help="host from which image URLs may be fetched")
     p.add_argument("--image-root", default=None, help="folder under which file:// image URLs may be read")
     p.add_argument("--max-body-mb", type=int, default=64, help="request body limit in MiB (default 64)")
+    p.add_argument("--max-header-kb", type=int, default=16,
+                   help="request line + headers limit in KiB; over it: 431 (default 16)")
     p.add_argument("--max-queue", type=int, default=16, help="queued requests per model before 503 (default 16)")
     p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     p.add_argument("--keep-alive", default="-1", help="idle time before a model unloads, e.g. 5m (default -1: "

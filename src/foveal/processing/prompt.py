@@ -8,6 +8,16 @@ Design decisions:
   lstrip_blocks, loopcontrols, a `{% generation %}` tag (tracked, so training can mask
   everything but assistant text), a `tojson` that keeps non-ASCII, `raise_exception`,
   `strftime_now`. Template errors become PromptError; nothing a template does can reach Python.
+- Variables as transformers passes them: `messages`, `tools=None`, `documents=None`,
+  `add_generation_prompt` and the tokenizer's named special tokens (bos/eos/unk/sep/pad/cls/mask);
+  keys whose value is None are dropped from messages and reasoning is aliased, as
+  `apply_chat_template` does, so a template renders the same text in both.
+- Message content keeps the form the client gave where the template takes it: string content
+  stays a string, a message with images becomes typed parts. What a template takes is found by
+  rendering probe conversations once per template (strings, text parts, an image part), not by
+  reading its source: many text-only templates mention "type" in their tool-call code. A
+  template that only reads strings gets images as `<image>` placeholders in front of the text;
+  one that only reads parts (llava-hf's) gets parts throughout.
 - Template lookup order: chat_template.jinja, chat_template.json, tokenizer_config.json
   (a string, or a list of named templates: "default" is used). A checkpoint without one gets
   LLaVA-1.5's template (the original repo ships none).
@@ -71,11 +81,41 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _TemplateDict:
+    # transformers' `dict` global: builds dicts, exposes nothing else of the type
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    # transformers' `namespace` global: no underscore-prefixed attributes (a way towards CPython internals)
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+
 _ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                      extensions=[_GenerationTag, jinja2.ext.loopcontrols])
 _ENV.filters["tojson"] = _tojson
 _ENV.globals["raise_exception"] = _raise_exception
 _ENV.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+_ENV.globals["dict"] = _TemplateDict()
+_ENV.globals["namespace"] = _TemplateNamespace
 _TEMPLATE_CACHE: dict[str, jinja2.Template] = {}
 
 
@@ -94,10 +134,12 @@ class RenderedChat:
     generation_spans: list[tuple[int, int]] = field(default_factory=list)   # char spans of {% generation %}
 
 
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> RenderedChat:
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, tools=None,
+                documents=None, **extra) -> RenderedChat:
+    """extra: more template variables (special tokens, enable_thinking, ...), as apply_chat_template's kwargs."""
     try:
-        raw = compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **extra)
+        raw = compile_template(template).render(messages=messages, tools=tools, documents=documents,
+                                                add_generation_prompt=add_generation_prompt, **extra)
     except jinja2.exceptions.SecurityError as e:
         raise PromptError(f"chat template tried something the sandbox forbids: {e}") from None
     except jinja2.exceptions.TemplateError as e:
@@ -146,7 +188,8 @@ class Tokenizer:
         self.tok = tok
         self.config = config or {}
         self.special = {k: _token_content(self.config.get(k)) for k in
-                        ("bos_token", "eos_token", "unk_token", "pad_token")}
+                        ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                         "mask_token")}
         self.special = {k: v for k, v in self.special.items() if v}
 
     @classmethod
@@ -197,41 +240,106 @@ class PromptInputs:
     assistant_mask: list[bool] | None = None   # tokens inside {% generation %} (training)
 
 
+@dataclass(frozen=True)
+class ContentForms:
+    """Which forms of message content a template renders."""
+    strings: bool       # "content": "hello"
+    text_parts: bool    # "content": [{"type": "text", "text": "hello"}], written as text (not a Python list)
+    images: bool        # an {"type": "image"} part draws something
+
+
+_PROBE_TEXTS = ("foveal-probe-one", "foveal-probe-two", "foveal-probe-three")
+_LIST_REPRS = ("{'type':", '{"type":')
+_FORMS_CACHE: dict[str, ContentForms] = {}
+
+
+def _renders(template: str, conversations) -> str | None:
+    """The text of the first probe conversation the template renders with all its texts in it."""
+    for messages in conversations:
+        try:
+            out = render_chat(template, messages).text
+        except PromptError:
+            continue
+        if all(t in out for t in _PROBE_TEXTS[:len(messages)]) and not any(r in out for r in _LIST_REPRS):
+            return out
+    return None
+
+
+def content_forms(template: str) -> ContentForms:
+    """Found by rendering: templates written for strings, for parts, or for both all exist, and their source
+    says little (text-only templates test `"type"` in tool-call code; llava-hf's only iterates parts)."""
+    if template not in _FORMS_CACHE:
+        def conversations(content):
+            roles = ("user", "assistant", "user")
+            turns = [{"role": r, "content": content(t)} for r, t in zip(roles, _PROBE_TEXTS)]
+            return [turns, turns[:1]]   # some templates insist on alternation, others on one user turn
+
+        text = lambda t: [{"type": "text", "text": t}]     # noqa: E731
+        strings = _renders(template, conversations(lambda t: t)) is not None
+        text_only = _renders(template, conversations(text))
+        with_image = _renders(template, conversations(lambda t: [{"type": "image"}] + text(t)))
+        forms = ContentForms(strings, text_only is not None,
+                             text_only is not None and with_image is not None and with_image != text_only)
+        if not (forms.strings or forms.text_parts):     # no probe rendered: keep what clients send, as HF does
+            forms = ContentForms(True, True, True)
+        _FORMS_CACHE[template] = forms
+    return _FORMS_CACHE[template]
+
+
 def normalize_messages(messages, template: str) -> tuple[list[dict], list]:
-    """Messages for the template (content as typed parts) and the images in prompt order."""
+    """Messages for the template and the images in prompt order. Content stays as the client gave it where the
+    template takes that form (what apply_chat_template would render); images go in as parts where the
+    template draws them, else as `<image>` placeholders in front of the text."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("messages must be a non-empty list of {'role', 'content'} objects")
-    wants_parts = "type" in template
+    forms = content_forms(template)
     out, images = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise PromptError(f"message {i} must be an object with 'role' and 'content'")
-        role, content = m["role"], m.get("content", "")
+        role, content = m["role"], m.get("content")
         if role not in ("system", "user", "assistant", "tool"):
             raise PromptError(f"message {i} has role {role!r}; expected system, user, assistant or tool")
         parts = [{"type": "image", "image": img} for img in m.get("images") or []]
-        if content is None:
-            content = ""
         if isinstance(content, str):
             parts.append({"type": "text", "text": content})
         elif isinstance(content, (list, tuple)):
             for j, part in enumerate(content):
                 parts.append(_normalize_part(part, i, j))
-        else:
+        elif content is not None:
             raise PromptError(f"message {i} content must be a string or a list of parts")
         for p in parts:
             if p["type"] == "image":
                 images.append(p.pop("image"))
-        if wants_parts:
-            out.append({**{k: v for k, v in m.items() if k not in ("content", "images")}, "role": role,
-                        "content": parts})
-        else:   # a text-only template: images become placeholders in front of the text
-            text = "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p["text"] for p in parts)
-            out.append({**{k: v for k, v in m.items() if k not in ("content", "images")}, "role": role,
-                        "content": text})
+        has_images = any(p["type"] == "image" for p in parts)
+        # transformers drops None-valued keys (many templates render a literal "None" otherwise)
+        message = {k: v for k, v in m.items() if k not in ("content", "images") and v is not None}
+        message["role"] = role
+        message.update(_reasoning_aliases(message))
+        if content is None and not has_images:
+            pass        # no content key, as apply_chat_template leaves it
+        elif isinstance(content, str) and not has_images and forms.strings:
+            message["content"] = content
+        elif (forms.images if has_images else forms.text_parts) or not forms.strings:
+            message["content"] = parts
+        else:   # a template for strings: images become placeholders in front of the text
+            message["content"] = "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p["text"]
+                                         for p in parts)
+        out.append(message)
     return out, images
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _reasoning_aliases(message: dict) -> dict:
+    # as transformers' _alias_reasoning_fields: templates read `reasoning_content`, gpt-oss's reads `thinking`
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return {}
+    return {"thinking": message.get("thinking", reasoning), "reasoning_content": reasoning}
 
 
 def _normalize_part(part, i: int, j: int) -> dict:

@@ -137,7 +137,8 @@ def create_app(config: ServerConfig | None = None, registry: ModelRegistry | Non
 
 def uvicorn_config(app, config: ServerConfig, **kwargs):
     import uvicorn
-    return uvicorn.Config(app, host=config.host, port=config.port, http="h11",
+    from .protocol import FovealH11Protocol
+    return uvicorn.Config(app, host=config.host, port=config.port, http=FovealH11Protocol,
                           h11_max_incomplete_event_size=config.max_header_bytes, log_config=None,
                           access_log=False, server_header=False, timeout_graceful_shutdown=5, **kwargs)
 

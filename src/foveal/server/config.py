@@ -30,7 +30,7 @@ class ServerConfig:
     allowed_hosts: list[str] = field(default_factory=list)   # extra Host header values; "*" = any
     cors_origins: list[str] = field(default_factory=list)    # empty: no CORS headers at all
     max_body_bytes: int = 64 * 1024 * 1024
-    max_header_bytes: int = 16 * 1024
+    max_header_bytes: int = 16 * 1024          # request line + headers; over it: 431
     max_queue: int = 16                        # admitted requests (running + waiting) per model
     max_images: int = 8                        # images in one request
     max_messages: int = 1024

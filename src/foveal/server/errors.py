@@ -37,6 +37,11 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+def header_too_large(limit: int) -> APIError:
+    return APIError(431, f"request headers are over the limit of {limit} bytes (request line and headers)",
+                    "header_too_large")
+
+
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 

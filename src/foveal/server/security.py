@@ -11,6 +11,8 @@ Design decisions:
   preflight (OPTIONS with an Origin) passes to the CORS middleware, which sits inside this one.
 - The body limit is enforced twice: on Content-Length at once, and on the bytes actually received
   (chunked uploads), raising `BodyTooLarge`, which the app maps to 413.
+- The header limit (request line + headers, `max_header_bytes`) is h11's while a head arrives
+  (server/protocol.py answers that case) and measured here on a head that arrived whole: 431.
 - Access log: one JSON line per request on the `foveal.server.access` logger.
 """
 
@@ -23,7 +25,7 @@ import logging
 import time
 
 from .config import ServerConfig, is_loopback
-from .errors import APIError, BodyTooLarge, error_body, is_openai
+from .errors import APIError, BodyTooLarge, error_body, header_too_large, is_openai
 from .metrics import Metrics
 
 access_log = logging.getLogger("foveal.server.access")
@@ -71,6 +73,15 @@ def _as_json(scope, headers: dict):
     return {**scope, "headers": raw + [(b"content-type", b"application/json")]}
 
 
+def _head_bytes(scope) -> int:
+    """The size of the request head as it came on the wire (HTTP/1.1): request line, headers, blank line."""
+    target = len(scope.get("raw_path") or scope.get("path", "").encode())
+    if scope.get("query_string"):
+        target += 1 + len(scope["query_string"])
+    line = len(scope.get("method", "")) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", [])) + 2
+
+
 class Guard:
     def __init__(self, app, config: ServerConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
@@ -113,6 +124,8 @@ class Guard:
                                             "path": path, "status": status, "duration_ms": round(dt * 1e3, 2)}))
 
     def _check(self, scope, path: str, headers: dict) -> APIError | None:
+        if _head_bytes(scope) > self.config.max_header_bytes:
+            return header_too_large(self.config.max_header_bytes)
         if not host_allowed(headers.get("host"), self.config):
             host = headers.get("host", "")
             shown = host if len(host) <= 80 else host[:80] + "..."

@@ -292,9 +292,9 @@ def _find_hf(repo_id, file, revision, allow_download, projector) -> ResolvedMode
                 raise
     if not allow_download:
         known = [_hf_id(p) for p in cache.glob("models--*")]
-        raise ModelNotFoundError(f"{repo_id}{'@' + revision if revision else ''} is not in the "
-                                 f"Hugging Face cache {cache}{_similar(repo_id, known)}; pass "
-                                 "allow_download=True (CLI: foveal pull) to fetch it")
+        at = f"@{revision}" if revision else ""
+        raise ModelNotFoundError(f"{repo_id}{at} is not in the Hugging Face cache {cache}"
+                                 f"{_similar(repo_id, known)}; fetch it with `foveal pull hf:{repo_id}{at}`")
     return from_snapshot(_download_hf(repo_id, revision, file))
 
 
@@ -327,17 +327,9 @@ def _hf_id(repo_dir: Path) -> str:
 
 
 def _download_hf(repo_id: str, revision: str | None, file: str | None) -> Path:
-    """Fetch into the HF cache (untested here: no network); a GGUF repo only the named file."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise ModelNotFoundError(f"downloading {repo_id} needs huggingface_hub") from error
-    patterns = [file, "*mmproj*.gguf"] if file else _HF_DOWNLOAD
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=_hf_cache_dir(),
-                                      allow_patterns=patterns))
-    except Exception as error:  # network, auth, missing repo, offline mode: all "not found"
-        raise ModelNotFoundError(f"could not download {repo_id}: {error}") from error
+    """Fetch into the HF cache (pull.py); a GGUF repo only the named file and its mmproj."""
+    from .pull import download
+    return download(repo_id, revision, [file, "*mmproj*.gguf"] if file else list(_HF_DOWNLOAD))
 
 
 def _parse_ollama(text: str) -> tuple[str, str, str, str]:
