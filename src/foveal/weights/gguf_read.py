@@ -24,6 +24,10 @@ Design decisions
   ggml-org/llama.cpp#25817). CLIP vs SigLIP is told by the class embedding.
 - Files from the legacy LLaVA converter name CLIP's fc1 `ffn_down` and fc2 `ffn_up`; like
   llama.cpp we detect that from the shapes and swap back.
+- A text architecture a family owns (models.registry.GGUF_ARCHITECTURES: qwen2vl) is read here
+  as the decoder it is built on (the family's DECODER: llama or qwen2 tensors, keys under its
+  own arch) and handed, with the tokenizer, to the family's gguf.read_gguf for its mmproj and
+  its HF config.
 """
 
 from __future__ import annotations

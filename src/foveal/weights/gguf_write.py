@@ -19,6 +19,9 @@ Design decisions
   does, and names the feature layer, so every llama.cpp version runs exactly those layers.
 - Streaming: all tensor infos first, then each tensor converted, quantized and written in
   turn, so at most one converted tensor is in memory. Files appear atomically (.part, rename).
+- A family that owns its GGUF mapping (models.registry.GGUF_ARCHITECTURES) writes its own pair
+  through `write_text_model` (the llama / qwen2 decoder under its llama.cpp architecture, plus
+  its keys) and `write_tensors`; the dispatch is one lookup by the config's family.
 - `read_hf_folder` (the export's input) accepts every LLaVA checkpoint layout foveal meets and
   normalises it to the legacy llava-hf names: legacy, transformers v5 (`model.language_model.*`)
   and transformers 5.2x's save_pretrained mix (`vision_tower.embeddings.*`).
