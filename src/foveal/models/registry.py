@@ -6,6 +6,9 @@ Design decisions (after vLLM's model registry and mlx-vlm's `get_model_and_args`
   fallback for a config without a known model_type. The original LLaVA repo's configs (a
   plain LM config plus `mm_*` keys) are recognised by `mm_vision_tower`.
 - An unknown model is refused with the list of what is supported.
+- A family may own its GGUF mapping (`families/<name>/gguf.py`: llama.cpp's tensor names and
+  metadata for it, both directions); `GGUF_ARCHITECTURES` says which, by llama.cpp's text
+  architecture. LLaVA and plain llama / qwen2 LMs stay in weights/gguf_read.py / gguf_write.py.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ SUPPORTED = {
 }
 
 
+# llama.cpp text architecture -> the family whose gguf.py reads and writes it
+GGUF_ARCHITECTURES = {
+    "qwen2vl": "qwen2_vl",
+}
+
+
 def family_name(raw: dict) -> str:
     """The family module's name for a parsed config.json."""
     if "mm_vision_tower" in raw:
@@ -71,3 +80,19 @@ def family(name: str) -> ModuleType:
 def family_for(raw: dict) -> ModuleType:
     """The family module for a parsed config.json (UnsupportedModelError names what is supported)."""
     return family(family_name(raw))
+
+
+def gguf_family(arch: str) -> ModuleType | None:
+    """The GGUF mapping of the family that owns llama.cpp architecture `arch` (None: the shared code's)."""
+    name = GGUF_ARCHITECTURES.get(arch)
+    return None if name is None else importlib.import_module(f"foveal.models.families.{name}.gguf")
+
+
+def gguf_family_for(raw: dict) -> ModuleType | None:
+    """The GGUF mapping of the family that runs this config.json, if that family owns one."""
+    try:
+        name = family_name(raw)
+    except UnsupportedModelError:
+        return None
+    arch = next((a for a, n in GGUF_ARCHITECTURES.items() if n == name), None)
+    return None if arch is None else gguf_family(arch)

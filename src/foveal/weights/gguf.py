@@ -9,6 +9,10 @@ ever sees HF-format checkpoints; these modules are the one place that knows llam
     ckpt = read_gguf("llava-v1.5-7b-Q4_K_M.gguf", "mmproj-model-f16.gguf")   # -> HFCheckpoint
     write_gguf(read_hf_folder("my-model/"), "out/", type="q8_0")             # -> (text, mmproj)
 
+A family may own its llama.cpp mapping (Qwen2-VL: `models/families/qwen2_vl/gguf.py`, found
+through `models.registry.GGUF_ARCHITECTURES`); its checkpoints use the names its HF folders
+hold. The tables below are LLaVA's and the plain llama / qwen2 decoder's.
+
 This file holds the interface, the conventions both directions share (tensor names, the llama
 q/k row order, Llama 3 RoPE factors) and the validated container parser; `gguf_read.py` turns
 a GGUF into an HFCheckpoint, `gguf_write.py` the reverse, `gguf_tokenizer.py` converts the
@@ -97,7 +101,8 @@ class HFCheckpoint:
     tensors use the legacy llava-hf names: `language_model.model.*`,
     `language_model.lm_head.weight`, `vision_tower.vision_model.*`,
     `multi_modal_projector.linear_{1,2}.*`; a text-only checkpoint uses `model.*` and
-    `lm_head.weight`.
+    `lm_head.weight`; a family with its own GGUF mapping, the names its save_pretrained writes
+    (Qwen2-VL: `model.layers.*`, `lm_head.weight`, `visual.*`).
     """
 
     config: dict[str, Any]

@@ -24,6 +24,10 @@ Design decisions
   ggml-org/llama.cpp#25817). CLIP vs SigLIP is told by the class embedding.
 - Files from the legacy LLaVA converter name CLIP's fc1 `ffn_down` and fc2 `ffn_up`; like
   llama.cpp we detect that from the shapes and swap back.
+- A text architecture a family owns (models.registry.GGUF_ARCHITECTURES: qwen2vl) is read here
+  as the decoder it is built on (the family's DECODER: llama or qwen2 tensors, keys under its
+  own arch) and handed, with the tokenizer, to the family's gguf.read_gguf for its mmproj and
+  its HF config.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from gguf import Keys
 
 from foveal.errors import ConfigError, UnsupportedModelError, WeightsError
+from foveal.models.registry import GGUF_ARCHITECTURES, gguf_family
 from foveal.weights.gguf import (
     IMAGE_NEWLINE, LLAVA_TEXT_PREFIX, LLAVA_VISION_PREFIX, PROJECTOR_NAMES, TEXT_BLOCK_NAMES,
     TEXT_GLOBAL_NAMES, VISION_BLOCK_NAMES, VISION_GLOBAL_NAMES, GGUFFile, HFCheckpoint, LazyTensors, SplitGGUF,
@@ -51,7 +56,7 @@ log = logging.getLogger(__name__)
 
 
 # --- metadata helpers --------------------------------------------------------------------
-def _int(meta: dict[str, Any], key: str, default: int | None = None, *, lo: int = 1, hi: int = 1 << 31) -> int:
+def meta_int(meta: dict[str, Any], key: str, default: int | None = None, *, lo: int = 1, hi: int = 1 << 31) -> int:
     value = meta.get(key, default)
     if value is None:
         raise WeightsError(f"GGUF metadata lacks {key}")
@@ -60,14 +65,14 @@ def _int(meta: dict[str, Any], key: str, default: int | None = None, *, lo: int 
     return value
 
 
-def _float(meta: dict[str, Any], key: str, default: float) -> float:
+def meta_float(meta: dict[str, Any], key: str, default: float) -> float:
     value = meta.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise WeightsError(f"GGUF metadata {key} = {value!r} is not a positive number")
     return float(value)
 
 
-def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+def check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(shape) != tuple(expected):
         raise WeightsError(f"GGUF tensor {name} has shape {list(shape)}, expected {list(expected)}")
 
@@ -88,12 +93,14 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
                 f"{text.path} is a vision projector (mmproj) file; pass the language model "
                 f"GGUF as the model and this file as its mmproj"
             )
-        if arch not in _HF_TEXT_CLASS:
+        family = gguf_family(arch)   # a family that owns its GGUF mapping (registry.GGUF_ARCHITECTURES)
+        layout = family.DECODER if family is not None else arch
+        if layout not in _HF_TEXT_CLASS:
             raise UnsupportedModelError(
                 f"{text.path}: GGUF architecture {arch!r} is not supported "
-                f"(foveal reads {', '.join(_HF_TEXT_CLASS)} language models)"
+                f"(foveal reads {', '.join([*_HF_TEXT_CLASS, *GGUF_ARCHITECTURES])} language models)"
             )
-        config, tensors = _read_text_model(text, arch, dtype)
+        config, tensors = _read_text_model(text, arch, dtype, layout)
         vocab = vocab_from_metadata(text.metadata, config["vocab_size"])
     except BaseException:
         text.close()
@@ -106,6 +113,13 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
     name = text.metadata.get(Keys.General.NAME)
     if isinstance(name, str) and name:
         config["_name_or_path"] = name  # an export of this checkpoint keeps the name
+    if family is not None:
+        try:
+            return family.read_gguf(text, config, tensors, vocab, tokenizer_json, tokenizer_config,
+                                    mmproj_path, dtype)
+        except BaseException:
+            text.close()
+            raise
     if mmproj_path is None:
         return HFCheckpoint(config, tensors, tokenizer_json, tokenizer_config, None)
 
@@ -139,7 +153,12 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
     return HFCheckpoint(llava_config, all_tensors, tokenizer_json, tokenizer_config, preprocessor)
 
 
-def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) -> tuple[dict[str, Any], LazyTensors]:
+def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype,
+                     layout: str | None = None) -> tuple[dict[str, Any], LazyTensors]:
+    """The decoder of a text model GGUF as an HF llama / qwen2 config and tensors. `layout` is the
+    decoder's tensor layout (llama or qwen2) when `arch` is another name for it (qwen2vl: qwen2's
+    tensors with M-RoPE); metadata keys are read under `arch`."""
+    layout = layout or arch
     meta, names = gf.metadata, gf.tensors
     blocks: dict[int, set[str]] = {}
     for name in names:
@@ -153,7 +172,7 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
     n_layers = len(blocks)
     if n_layers == 0 or sorted(blocks) != list(range(n_layers)):
         raise WeightsError(f"{gf.path}: transformer blocks are missing or not numbered 0..N-1")
-    block_count = _int(meta, f"{arch}.block_count", n_layers, hi=1 << 16)
+    block_count = meta_int(meta, f"{arch}.block_count", n_layers, hi=1 << 16)
     if block_count != n_layers:
         raise WeightsError(f"{gf.path}: {arch}.block_count is {block_count} but the file has {n_layers} blocks")
     if "token_embd.weight" not in names or "output_norm.weight" not in names:
@@ -162,18 +181,18 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
     vocab_size, hidden = names["token_embd.weight"].shape if len(names["token_embd.weight"].shape) == 2 else (0, 0)
     if not vocab_size:
         raise WeightsError(f"{gf.path}: token_embd.weight is not a matrix")
-    heads = _int(meta, f"{arch}.attention.head_count", hi=1 << 16)
-    kv_heads = _int(meta, f"{arch}.attention.head_count_kv", heads, hi=heads)
-    head_dim = _int(meta, f"{arch}.attention.key_length", hidden // heads or None, hi=1 << 16)
-    if _int(meta, f"{arch}.attention.value_length", head_dim, hi=1 << 16) != head_dim or heads % kv_heads:
+    heads = meta_int(meta, f"{arch}.attention.head_count", hi=1 << 16)
+    kv_heads = meta_int(meta, f"{arch}.attention.head_count_kv", heads, hi=heads)
+    head_dim = meta_int(meta, f"{arch}.attention.key_length", hidden // heads or None, hi=1 << 16)
+    if meta_int(meta, f"{arch}.attention.value_length", head_dim, hi=1 << 16) != head_dim or heads % kv_heads:
         raise UnsupportedModelError(f"{gf.path}: value width or head grouping unlike any HF {arch} model")
-    if _int(meta, f"{arch}.rope.dimension_count", head_dim, hi=1 << 16) != head_dim:
+    if meta_int(meta, f"{arch}.rope.dimension_count", head_dim, hi=1 << 16) != head_dim:
         raise UnsupportedModelError(f"{gf.path}: partial rotary embeddings are not supported")
-    _check_shape("output_norm.weight", names["output_norm.weight"].shape, (hidden,))
-    if _int(meta, f"{arch}.embedding_length", hidden, hi=1 << 20) != hidden:
+    check_shape("output_norm.weight", names["output_norm.weight"].shape, (hidden,))
+    if meta_int(meta, f"{arch}.embedding_length", hidden, hi=1 << 20) != hidden:
         raise WeightsError(f"{gf.path}: {arch}.embedding_length disagrees with token_embd.weight")
     ffn = names["blk.0.ffn_up.weight"].shape[0] if "blk.0.ffn_up.weight" in names else 0
-    if _int(meta, f"{arch}.feed_forward_length", ffn or None, hi=1 << 20) != ffn:
+    if meta_int(meta, f"{arch}.feed_forward_length", ffn or None, hi=1 << 20) != ffn:
         raise WeightsError(f"{gf.path}: {arch}.feed_forward_length disagrees with ffn_up")
 
     q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
@@ -186,23 +205,23 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
     biases = {"attn_q.bias": (q_rows,), "attn_k.bias": (kv_rows,), "attn_v.bias": (kv_rows,),
               "attn_output.bias": (hidden,)}
     present_biases = set().union(*blocks.values()) & set(biases)
-    if arch == "qwen2" and present_biases != {"attn_q.bias", "attn_k.bias", "attn_v.bias"}:
-        raise WeightsError(f"{gf.path}: a qwen2 model has q/k/v biases and no output bias")
+    if layout == "qwen2" and present_biases != {"attn_q.bias", "attn_k.bias", "attn_v.bias"}:
+        raise WeightsError(f"{gf.path}: a {arch} model has q/k/v biases and no output bias")
     for i, keys in blocks.items():
         if missing := set(expected) - keys:
             raise WeightsError(f"{gf.path}: block {i} lacks {sorted(missing)}")
         for key in keys:
             if key not in expected and key not in biases:
                 raise WeightsError(f"{gf.path}: tensor blk.{i}.{key} has no place in a {arch} model")
-            _check_shape(f"blk.{i}.{key}", names[f"blk.{i}.{key}"].shape, {**expected, **biases}[key])
+            check_shape(f"blk.{i}.{key}", names[f"blk.{i}.{key}"].shape, {**expected, **biases}[key])
 
     tied = "output.weight" not in names
     if not tied:
-        _check_shape("output.weight", names["output.weight"].shape, (vocab_size, hidden))
+        check_shape("output.weight", names["output.weight"].shape, (vocab_size, hidden))
     rope = _rope_parameters(gf, arch, head_dim)
     config: dict[str, Any] = {
-        "architectures": [_HF_TEXT_CLASS[arch]],
-        "model_type": arch,
+        "architectures": [_HF_TEXT_CLASS[layout]],
+        "model_type": layout,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": ffn,
@@ -212,13 +231,13 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
         "head_dim": head_dim,
         "hidden_act": "silu",
         # absent keys take the HF class defaults (Llama 2048 positions, Qwen2 32768; eps 1e-6)
-        "max_position_embeddings": _int(meta, f"{arch}.context_length", 2048 if arch == "llama" else 32768),
-        "rms_norm_eps": _float(meta, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "max_position_embeddings": meta_int(meta, f"{arch}.context_length", 2048 if layout == "llama" else 32768),
+        "rms_norm_eps": meta_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_parameters": rope,
         "tie_word_embeddings": tied,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    if arch == "llama":
+    if layout == "llama":
         config.update(attention_bias=bool(present_biases), mlp_bias=False)
     else:
         config.update(use_sliding_window=False)
@@ -231,7 +250,7 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
         if f"{gguf_name}.weight" in names:
             lazy(f"{hf_name}.weight", f"{gguf_name}.weight")
     orders = {}
-    if arch == "llama":  # undo llama.cpp's q/k row permutation
+    if layout == "llama":  # undo llama.cpp's q/k row permutation
         orders = {"attn_q": llama_qk_order(q_rows, heads), "attn_k": llama_qk_order(kv_rows, kv_heads)}
         orders = {k: np.argsort(v) for k, v in orders.items()}
     for i in range(n_layers):
@@ -240,7 +259,7 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
                 name = f"blk.{i}.{key}.{kind}"
                 if name in names:
                     lazy(f"model.layers.{i}.{hf}.{kind}", name, orders.get(key))
-                elif arch == "llama" and present_biases and f"{key}.bias" in biases and kind == "bias":
+                elif layout == "llama" and present_biases and f"{key}.bias" in biases and kind == "bias":
                     # HF's attention_bias is all-or-nothing; a missing bias is an exact zero
                     tensors.add_tensor(f"model.layers.{i}.{hf}.bias", torch.zeros(biases[f"{key}.bias"], dtype=dtype))
     return config, tensors
@@ -248,29 +267,29 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype) ->
 
 def _rope_parameters(gf: GGUFFile | SplitGGUF, arch: str, head_dim: int) -> dict[str, Any]:
     meta = gf.metadata
-    theta = _float(meta, f"{arch}.rope.freq_base", 10000.0)
+    theta = meta_float(meta, f"{arch}.rope.freq_base", 10000.0)
     kind = meta_str(meta, f"{arch}.rope.scaling.type", "none")
     if "rope_freqs.weight" in gf.tensors:  # llama.cpp stores Llama 3.1 scaling as frequency factors
-        _check_shape("rope_freqs.weight", gf.tensors["rope_freqs.weight"].shape, (head_dim // 2,))
+        check_shape("rope_freqs.weight", gf.tensors["rope_freqs.weight"].shape, (head_dim // 2,))
         factors = gf.tensor("rope_freqs.weight", torch.float64).numpy()
-        context = _int(meta, f"{arch}.rope.scaling.original_context_length", 8192)
+        context = meta_int(meta, f"{arch}.rope.scaling.original_context_length", 8192)
         return _llama3_rope(factors, theta, head_dim, context, gf.path)
     if kind == "none" and f"{arch}.rope.scale_linear" in meta:  # pre-2024 files
         kind, meta = "linear", {**meta, f"{arch}.rope.scaling.factor": meta[f"{arch}.rope.scale_linear"]}
     if kind == "none":
         return {"rope_type": "default", "rope_theta": theta}
-    factor = _float(meta, f"{arch}.rope.scaling.factor", 1.0)
+    factor = meta_float(meta, f"{arch}.rope.scaling.factor", 1.0)
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
     if kind == "yarn":
         rope = {
             "rope_type": "yarn", "factor": factor, "rope_theta": theta,
-            "original_max_position_embeddings": _int(meta, f"{arch}.rope.scaling.original_context_length"),
+            "original_max_position_embeddings": meta_int(meta, f"{arch}.rope.scaling.original_context_length"),
         }
         for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
                         ("yarn_attn_factor", "attention_factor")):
             if f"{arch}.rope.scaling.{key}" in meta:
-                rope[hf] = _float(meta, f"{arch}.rope.scaling.{key}", 1.0)
+                rope[hf] = meta_float(meta, f"{arch}.rope.scaling.{key}", 1.0)
         return rope
     raise UnsupportedModelError(f"{gf.path}: RoPE scaling {kind!r} is not supported")
 
@@ -344,7 +363,7 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
     n_stored = len(blocks)
     if sorted(blocks) != list(range(n_stored)):
         raise WeightsError(f"{gf.path}: vision blocks are not numbered 0..N-1")
-    n_layers = _int(meta, "clip.vision.block_count", n_stored, lo=0, hi=n_stored)
+    n_layers = meta_int(meta, "clip.vision.block_count", n_stored, lo=0, hi=n_stored)
 
     width, channels, patch, patch_w = names["v.patch_embd.weight"].shape if len(
         names["v.patch_embd.weight"].shape) == 4 else (0, 0, 0, 0)
@@ -355,15 +374,15 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
         raise UnsupportedModelError(f"{gf.path}: a vision tower that is neither CLIP- nor SigLIP-shaped")
     if not siglip and "v.patch_embd.bias" in names:
         raise UnsupportedModelError(f"{gf.path}: a CLIP tower with a patch-embedding bias")
-    if _int(meta, "clip.vision.embedding_length", width, hi=1 << 16) != width \
-            or _int(meta, "clip.vision.patch_size", patch, hi=1 << 12) != patch:
+    if meta_int(meta, "clip.vision.embedding_length", width, hi=1 << 16) != width \
+            or meta_int(meta, "clip.vision.patch_size", patch, hi=1 << 12) != patch:
         raise WeightsError(f"{gf.path}: clip.vision.* disagrees with v.patch_embd.weight")
-    image_size = _int(meta, "clip.vision.image_size", hi=1 << 15)
+    image_size = meta_int(meta, "clip.vision.image_size", hi=1 << 15)
     n_patches = (image_size // patch) ** 2
-    _check_shape("v.position_embd.weight", names["v.position_embd.weight"].shape,
+    check_shape("v.position_embd.weight", names["v.position_embd.weight"].shape,
                  (n_patches + (0 if siglip else 1), width))
-    heads = _int(meta, "clip.vision.attention.head_count", hi=1 << 12)
-    eps = _float(meta, "clip.vision.attention.layer_norm_epsilon", 1e-6 if siglip else 1e-5)
+    heads = meta_int(meta, "clip.vision.attention.head_count", hi=1 << 12)
+    eps = meta_float(meta, "clip.vision.attention.layer_norm_epsilon", 1e-6 if siglip else 1e-5)
     ffn = names["v.blk.0.ffn_up.weight"].shape if "v.blk.0.ffn_up.weight" in names else ()
     ffn = ffn if len(ffn) == 2 else (0, 0)
     # fc1 maps width -> ffn; legacy files store fc1 as ffn_down (clip.cpp swaps them too)
@@ -387,11 +406,11 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
         for key, hf in block_names.items():
             if f"{key}.weight" not in blocks[i]:
                 raise WeightsError(f"{gf.path}: vision block {i} lacks {key}.weight")
-            _check_shape(f"v.blk.{i}.{key}.weight", names[f"v.blk.{i}.{key}.weight"].shape, expected[key])
+            check_shape(f"v.blk.{i}.{key}.weight", names[f"v.blk.{i}.{key}.weight"].shape, expected[key])
             tensors[f"{prefix}encoder.layers.{i}.{hf}.weight"] = gf.tensor(f"v.blk.{i}.{key}.weight", dtype)
             out_width = expected[key][0]
             if f"{key}.bias" in blocks[i]:
-                _check_shape(f"v.blk.{i}.{key}.bias", names[f"v.blk.{i}.{key}.bias"].shape, (out_width,))
+                check_shape(f"v.blk.{i}.{key}.bias", names[f"v.blk.{i}.{key}.bias"].shape, (out_width,))
                 bias = gf.tensor(f"v.blk.{i}.{key}.bias", dtype)
             else:  # HF towers have every bias; an absent one is an exact zero
                 bias = torch.zeros(out_width, dtype=dtype)
@@ -401,7 +420,7 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
     for gguf_name, hf in VISION_GLOBAL_NAMES.items():
         if gguf_name in names:
             if gguf_name not in ("v.patch_embd.weight", "v.position_embd.weight"):  # checked above
-                _check_shape(gguf_name, names[gguf_name].shape, (width,))
+                check_shape(gguf_name, names[gguf_name].shape, (width,))
             tensors[prefix + hf] = gf.tensor(gguf_name, dtype)
     if siglip and "v.patch_embd.bias" not in names:
         tensors[prefix + VISION_GLOBAL_NAMES["v.patch_embd.bias"]] = torch.zeros(width, dtype=dtype)
@@ -417,13 +436,13 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
         feature_layer: int | list[int] = negative[0] if len(negative) == 1 else negative
     else:
         layers, feature_layer = [n_layers], -1  # legacy: the stored layers are the ones used
-    _check_shape("mm.0.weight", names["mm.0.weight"].shape[1:], (width * len(layers),))
+    check_shape("mm.0.weight", names["mm.0.weight"].shape[1:], (width * len(layers),))
     text_width = names["mm.0.weight"].shape[0]
-    _check_shape("mm.2.weight", names["mm.2.weight"].shape, (text_width, text_width))
+    check_shape("mm.2.weight", names["mm.2.weight"].shape, (text_width, text_width))
     for gguf_name, hf in PROJECTOR_NAMES.items():
         tensors[f"{hf}.weight"] = gf.tensor(f"{gguf_name}.weight", dtype)
         if f"{gguf_name}.bias" in names:
-            _check_shape(f"{gguf_name}.bias", names[f"{gguf_name}.bias"].shape, (text_width,))
+            check_shape(f"{gguf_name}.bias", names[f"{gguf_name}.bias"].shape, (text_width,))
             tensors[f"{hf}.bias"] = gf.tensor(f"{gguf_name}.bias", dtype)
         else:
             tensors[f"{hf}.bias"] = torch.zeros(text_width, dtype=dtype)
@@ -432,7 +451,7 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
     if pinpoints is not None:
         if IMAGE_NEWLINE not in names:
             raise WeightsError(f"{gf.path}: a LLaVA-1.6 (spatial_unpad) mmproj without {IMAGE_NEWLINE}")
-        _check_shape(IMAGE_NEWLINE, names[IMAGE_NEWLINE].shape, (text_width,))
+        check_shape(IMAGE_NEWLINE, names[IMAGE_NEWLINE].shape, (text_width,))
         tensors["image_newline"] = gf.tensor(IMAGE_NEWLINE, dtype)
     elif IMAGE_NEWLINE in names:
         log.warning("%s: ignoring %s (no image_grid_pinpoints with spatial_unpad: images are read at %d px only)",
@@ -464,8 +483,8 @@ def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, di
         "image_seq_length": n_patches,
         **({"image_grid_pinpoints": pinpoints} if pinpoints is not None else {}),
     }
-    mean = _triple(meta.get(Keys.ClipVision.IMAGE_MEAN), [0.5] * 3 if siglip else _CLIP_MEAN)
-    std = _triple(meta.get(Keys.ClipVision.IMAGE_STD), [0.5] * 3 if siglip else _CLIP_STD)
+    mean = meta_triple(meta.get(Keys.ClipVision.IMAGE_MEAN), [0.5] * 3 if siglip else _CLIP_MEAN)
+    std = meta_triple(meta.get(Keys.ClipVision.IMAGE_STD), [0.5] * 3 if siglip else _CLIP_STD)
     preprocessor = {
         "image_processor_type": "SiglipImageProcessor" if siglip else "CLIPImageProcessor",
         "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
@@ -504,7 +523,7 @@ def _anyres_pinpoints(gf: GGUFFile | SplitGGUF, meta: dict[str, Any], image_size
     return pairs
 
 
-def _triple(value: Any, default: list[float]) -> list[float]:
+def meta_triple(value: Any, default: list[float]) -> list[float]:
     if value is None:
         return default
     if not isinstance(value, np.ndarray) or value.shape != (3,) or not np.isfinite(value).all():

@@ -19,6 +19,9 @@ Design decisions
   does, and names the feature layer, so every llama.cpp version runs exactly those layers.
 - Streaming: all tensor infos first, then each tensor converted, quantized and written in
   turn, so at most one converted tensor is in memory. Files appear atomically (.part, rename).
+- A family that owns its GGUF mapping (models.registry.GGUF_ARCHITECTURES) writes its own pair
+  through `write_text_model` (the llama / qwen2 decoder under its llama.cpp architecture, plus
+  its keys) and `write_tensors`; the dispatch is one lookup by the config's family.
 - `read_hf_folder` (the export's input) accepts every LLaVA checkpoint layout foveal meets and
   normalises it to the legacy llava-hf names: legacy, transformers v5 (`model.language_model.*`)
   and transformers 5.2x's save_pretrained mix (`vision_tower.embeddings.*`).
@@ -31,6 +34,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType, RopeScalingType
 
 from foveal.errors import ConfigError, UnsupportedModelError, WeightsError
+from foveal.models.registry import GGUF_ARCHITECTURES, gguf_family_for
 from foveal.weights.gguf import (
     IMAGE_NEWLINE, LLAVA_TEXT_PREFIX, LLAVA_VISION_PREFIX, PROJECTOR_NAMES, TEXT_BLOCK_NAMES,
     TEXT_GLOBAL_NAMES, VISION_BLOCK_NAMES, VISION_GLOBAL_NAMES, HFCheckpoint,
@@ -61,7 +66,7 @@ _F16_MAX = 65504.0
 
 
 @dataclass
-class _Planned:
+class Planned:
     name: str
     tensor: torch.Tensor  # HF layout, rows already in GGUF order
     qtype: Q
@@ -191,6 +196,9 @@ def write_gguf(ckpt: HFCheckpoint, out_dir: str | Path, *, type: str,  # noqa: A
     out.mkdir(parents=True, exist_ok=True)
     config = ckpt.config
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(config.get("_name_or_path") or "model")).name) or "model"
+    family = gguf_family_for(config)   # a family that owns its GGUF mapping (registry.GGUF_ARCHITECTURES)
+    if family is not None:
+        return family.write_gguf(ckpt, out, type=type, head_type=head_type, stem=stem)
     if ckpt.is_vlm:
         text_config = config.get("text_config") or {}
         text_tensors = {k[len(LLAVA_TEXT_PREFIX):]: v for k, v in ckpt.tensors.items()
@@ -200,10 +208,11 @@ def write_gguf(ckpt: HFCheckpoint, out_dir: str | Path, *, type: str,  # noqa: A
     else:
         raise UnsupportedModelError(
             f"model_type {config.get('model_type')!r} cannot be exported to GGUF "
-            f"(supported: llava, llava_next, {', '.join(_TEXT_ARCH)})"
+            f"(supported: llava, llava_next, {', '.join(_TEXT_ARCH)}, "
+            f"{', '.join(sorted(set(GGUF_ARCHITECTURES.values())))})"
         )
     text_path = out / f"{stem}-{type.upper()}.gguf"
-    _write_text_model(text_path, text_config, text_tensors, ckpt, type, stem, head_type)
+    write_text_model(text_path, text_config, text_tensors, ckpt, type, stem, head_type)
     if not ckpt.is_vlm:
         return text_path, None
     mmproj_path = out / f"mmproj-{stem}-{'F32' if type == 'f32' else 'F16'}.gguf"
@@ -212,17 +221,21 @@ def write_gguf(ckpt: HFCheckpoint, out_dir: str | Path, *, type: str,  # noqa: A
 
 
 # --- text model --------------------------------------------------------------------------
-def _write_text_model(
+def write_text_model(
     path: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], ckpt: HFCheckpoint, type: str, name: str,  # noqa: A002
-    head_type: str,
+    head_type: str, *, arch: str | None = None, add_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> None:
+    """The text model file of a llama / qwen2 decoder (`cfg`: its HF text config, `tensors`: `model.*`
+    and `lm_head.weight`). A family module whose decoder is one of these under another llama.cpp
+    architecture passes `arch` (qwen2vl) and writes its own keys in `add_metadata`."""
     model_type = cfg.get("model_type", "llama")
-    arch = _TEXT_ARCH.get(model_type)
-    if arch is None:
+    layout = _TEXT_ARCH.get(model_type)
+    if layout is None:
         raise UnsupportedModelError(f"text model_type {model_type!r} cannot be exported to GGUF")
+    arch = arch or layout
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
-        raise UnsupportedModelError("llama.cpp's llama/qwen2 graphs need a bias-free SiLU-gated MLP")
-    embed = _need(tensors, "model.embed_tokens.weight")
+        raise UnsupportedModelError(f"llama.cpp's {arch} graph needs a bias-free SiLU-gated MLP")
+    embed = need(tensors, "model.embed_tokens.weight")
     vocab_size, hidden = embed.shape
     layers = sorted({int(m[1]) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))})
     if layers != list(range(len(layers))) or not layers:
@@ -230,14 +243,14 @@ def _write_text_model(
     n_layers = len(layers)
     # absent keys take the HF class defaults (LlamaConfig / Qwen2Config)
     heads = int(cfg.get("num_attention_heads", 32))
-    kv_heads = int(cfg.get("num_key_value_heads") or (heads if arch == "llama" else 32))
+    kv_heads = int(cfg.get("num_key_value_heads") or (heads if layout == "llama" else 32))
     head_dim = int(cfg.get("head_dim") or hidden // heads)
-    ffn = _need(tensors, "model.layers.0.mlp.up_proj.weight").shape[0]
-    _expect(tensors, "model.layers.0.self_attn.q_proj.weight", (heads * head_dim, hidden))
-    _expect(tensors, "model.layers.0.self_attn.k_proj.weight", (kv_heads * head_dim, hidden))
-    if arch == "qwen2":  # llama.cpp's qwen2 graph requires the q/k/v biases
+    ffn = need(tensors, "model.layers.0.mlp.up_proj.weight").shape[0]
+    expect_shape(tensors, "model.layers.0.self_attn.q_proj.weight", (heads * head_dim, hidden))
+    expect_shape(tensors, "model.layers.0.self_attn.k_proj.weight", (kv_heads * head_dim, hidden))
+    if layout == "qwen2":  # llama.cpp's qwen2 graph requires the q/k/v biases
         for proj in ("q_proj", "k_proj", "v_proj"):
-            _need(tensors, f"model.layers.0.self_attn.{proj}.bias")
+            need(tensors, f"model.layers.0.self_attn.{proj}.bias")
     if cfg.get("num_hidden_layers", n_layers) != n_layers or cfg.get("vocab_size", vocab_size) != vocab_size:
         raise WeightsError("config.json's layer count or vocabulary size disagrees with the weights")
     tied = bool(cfg.get("tie_word_embeddings", ckpt.config.get("tie_word_embeddings", False)))
@@ -249,10 +262,10 @@ def _write_text_model(
     writer.add_name(name)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if arch == "llama":
+    if layout == "llama":
         writer.add_vocab_size(vocab_size)
         writer.add_rope_dimension_count(head_dim)
-    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048 if arch == "llama" else 32768)))
+    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048 if layout == "llama" else 32768)))
     writer.add_embedding_length(hidden)
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(ffn)
@@ -264,6 +277,8 @@ def _write_text_model(
     rope = _rope_parameters(cfg)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     rope_freqs = _add_rope_scaling(writer, rope, head_dim)
+    if add_metadata is not None:
+        add_metadata(writer)
 
     image_token = ckpt.config.get("image_token_index") if ckpt.is_vlm else None
     placeholder = image_token if isinstance(image_token, int) and image_token >= vocab_size else None
@@ -296,30 +311,30 @@ def _write_text_model(
         if tensor.dim() == 1:
             return Q.F32
         is_head = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-        return _weight_type(FILE_TYPES[head_type][0] if is_head else weight_type, tensor)
+        return tensor_type(FILE_TYPES[head_type][0] if is_head else weight_type, tensor)
 
     orders = {}
-    if arch == "llama":  # llama.cpp rotates interleaved pairs: permute q/k rows (and biases)
+    if layout == "llama":  # llama.cpp rotates interleaved pairs: permute q/k rows (and biases)
         orders = {"attn_q": llama_qk_order(heads * head_dim, heads),
                   "attn_k": llama_qk_order(kv_heads * head_dim, kv_heads)}
     plan = []
     for gguf_name, hf in TEXT_GLOBAL_NAMES.items():
         if gguf_name == "output" and tied:
             continue
-        tensor = _need(tensors, f"{hf}.weight")
-        plan.append(_Planned(f"{gguf_name}.weight", tensor, text_type(f"{gguf_name}.weight", tensor)))
+        tensor = need(tensors, f"{hf}.weight")
+        plan.append(Planned(f"{gguf_name}.weight", tensor, text_type(f"{gguf_name}.weight", tensor)))
     for i in range(n_layers):
         for key, hf in TEXT_BLOCK_NAMES.items():
             for kind in ("weight", "bias"):
                 hf_name = f"model.layers.{i}.{hf}.{kind}"
                 if kind == "weight" or hf_name in tensors:
-                    tensor = _need(tensors, hf_name)
+                    tensor = need(tensors, hf_name)
                     if key in orders:
                         tensor = tensor[torch.from_numpy(orders[key])]
-                    plan.append(_Planned(f"blk.{i}.{key}.{kind}", tensor, text_type(key, tensor)))
+                    plan.append(Planned(f"blk.{i}.{key}.{kind}", tensor, text_type(key, tensor)))
     if rope_freqs is not None:
-        plan.append(_Planned("rope_freqs.weight", torch.from_numpy(rope_freqs), Q.F32))
-    _write_file(writer, path, plan)
+        plan.append(Planned("rope_freqs.weight", torch.from_numpy(rope_freqs), Q.F32))
+    write_tensors(writer, path, plan)
 
 
 def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +388,7 @@ def _write_mmproj(path: Path, ckpt: HFCheckpoint, float_type: Q, name: str) -> N
     siglip = kind == "siglip_vision_model"
     tensors = {k[len(LLAVA_VISION_PREFIX):]: v for k, v in ckpt.tensors.items() if k.startswith(LLAVA_VISION_PREFIX)}
     n_layers = len({int(m[1]) for k in tensors if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
-    patch = _need(tensors, "embeddings.patch_embedding.weight")
+    patch = need(tensors, "embeddings.patch_embedding.weight")
     width = patch.shape[0]
 
     # which hidden states the projector reads; llama.cpp wants them non-negative and ascending
@@ -394,7 +409,7 @@ def _write_mmproj(path: Path, ckpt: HFCheckpoint, float_type: Q, name: str) -> N
         raise UnsupportedModelError(f"vision activation {act!r} has no llama.cpp equivalent")
     if config.get("projector_hidden_act", "gelu") not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
         raise UnsupportedModelError("llama.cpp's LLaVA projector is Linear-GELU-Linear")
-    text_width = _need(ckpt.tensors, "multi_modal_projector.linear_2.weight").shape[0]
+    text_width = need(ckpt.tensors, "multi_modal_projector.linear_2.weight").shape[0]
     processor = ckpt.preprocessor_config or {}
     mean = processor.get("image_mean") or ([0.5] * 3 if siglip else [0.48145466, 0.4578275, 0.40821073])
     std = processor.get("image_std") or ([0.5] * 3 if siglip else [0.26862954, 0.26130258, 0.27577711])
@@ -410,7 +425,7 @@ def _write_mmproj(path: Path, ckpt: HFCheckpoint, float_type: Q, name: str) -> N
     writer.add_vision_image_size(int(vcfg["image_size"]))
     writer.add_vision_patch_size(int(vcfg["patch_size"]))
     writer.add_vision_embedding_length(width)
-    writer.add_vision_feed_forward_length(_need(tensors, "encoder.layers.0.mlp.fc1.weight").shape[0])
+    writer.add_vision_feed_forward_length(need(tensors, "encoder.layers.0.mlp.fc1.weight").shape[0])
     writer.add_vision_projection_dim(text_width)
     writer.add_vision_block_count(keep)
     writer.add_vision_head_count(int(vcfg["num_attention_heads"]))
@@ -425,39 +440,39 @@ def _write_mmproj(path: Path, ckpt: HFCheckpoint, float_type: Q, name: str) -> N
         pinpoints = config.get("image_grid_pinpoints")
         pinpoints = LLAVA_NEXT_PINPOINTS if pinpoints is None else pinpoints
     if pinpoints is not None:   # LLaVA-1.6 anyres, as llama.cpp's llava-1.6 surgery writes it
-        newline = _need(ckpt.tensors, "image_newline")
+        newline = need(ckpt.tensors, "image_newline")
         writer.add_array("clip.vision.image_grid_pinpoints", [int(x) for p in pinpoints for x in p])
         writer.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
         writer.add_string("clip.vision.image_aspect_ratio", "anyres")
         writer.add_uint32("clip.vision.image_crop_resolution", int(vcfg["image_size"]))
 
     def vision_type(tensor: torch.Tensor) -> Q:
-        return Q.F32 if tensor.dim() == 1 else _weight_type(float_type, tensor)
+        return Q.F32 if tensor.dim() == 1 else tensor_type(float_type, tensor)
 
     plan = []
     for gguf_name, hf in VISION_GLOBAL_NAMES.items():
         if gguf_name.startswith("v.post_ln"):
             continue  # llama.cpp would apply it to the features; LLaVA never does
         if hf in tensors:
-            plan.append(_Planned(gguf_name, tensors[hf], vision_type(tensors[hf])))
+            plan.append(Planned(gguf_name, tensors[hf], vision_type(tensors[hf])))
     for i in range(keep):
         for key, hf in VISION_BLOCK_NAMES.items():
             for kind in ("weight", "bias"):
                 if (tensor := tensors.get(f"encoder.layers.{i}.{hf}.{kind}")) is not None:
-                    plan.append(_Planned(f"v.blk.{i}.{key}.{kind}", tensor, vision_type(tensor)))
+                    plan.append(Planned(f"v.blk.{i}.{key}.{kind}", tensor, vision_type(tensor)))
     for gguf_name, hf in PROJECTOR_NAMES.items():
-        weight = _need(ckpt.tensors, f"{hf}.weight")
+        weight = need(ckpt.tensors, f"{hf}.weight")
         bias = ckpt.tensors.get(f"{hf}.bias")
-        plan.append(_Planned(f"{gguf_name}.weight", weight, vision_type(weight)))
+        plan.append(Planned(f"{gguf_name}.weight", weight, vision_type(weight)))
         # llama.cpp's projector always adds a bias
-        plan.append(_Planned(f"{gguf_name}.bias", bias if bias is not None else torch.zeros(weight.shape[0]), Q.F32))
+        plan.append(Planned(f"{gguf_name}.bias", bias if bias is not None else torch.zeros(weight.shape[0]), Q.F32))
     if pinpoints is not None:
-        plan.append(_Planned(IMAGE_NEWLINE, newline, Q.F32))
-    _write_file(writer, path, plan)
+        plan.append(Planned(IMAGE_NEWLINE, newline, Q.F32))
+    write_tensors(writer, path, plan)
 
 
 # --- shared ------------------------------------------------------------------------------
-def _weight_type(wanted: Q, tensor: torch.Tensor) -> Q:
+def tensor_type(wanted: Q, tensor: torch.Tensor) -> Q:
     if wanted in (Q.Q8_0, Q.Q4_0) and tensor.shape[-1] % GGML_QUANT_SIZES[wanted][0]:
         wanted = Q.F16  # rows must be whole blocks
     if wanted == Q.F16 and tensor.numel() and float(tensor.abs().max()) > _F16_MAX:
@@ -466,7 +481,7 @@ def _weight_type(wanted: Q, tensor: torch.Tensor) -> Q:
     return wanted
 
 
-def _write_file(writer: gguf.GGUFWriter, path: Path, plan: list[_Planned]) -> None:
+def write_tensors(writer: gguf.GGUFWriter, path: Path, plan: list[Planned]) -> None:
     for p in plan:
         block, type_size = GGML_QUANT_SIZES[p.qtype]
         shape = tuple(p.tensor.shape)
@@ -500,12 +515,12 @@ def _write_file(writer: gguf.GGUFWriter, path: Path, plan: list[_Planned]) -> No
         raise
 
 
-def _need(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def need(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in tensors:
         raise WeightsError(f"the checkpoint lacks {name}")
     return tensors[name]
 
 
-def _expect(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> None:
-    if tuple(_need(tensors, name).shape) != shape:
+def expect_shape(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> None:
+    if tuple(need(tensors, name).shape) != shape:
         raise WeightsError(f"{name} has shape {list(tensors[name].shape)}, the config implies {list(shape)}")
