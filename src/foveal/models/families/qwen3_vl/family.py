@@ -25,6 +25,9 @@ Design decisions:
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import torch
 
 from .... import config as C
@@ -107,11 +110,9 @@ def processor(cfg: QwenVLConfig, ck, image_mode: str | None = None) -> QwenVLPro
 
 def describe(cfg: QwenVLConfig, processor: QwenVLProcessor | None = None) -> dict:
     """As Qwen2-VL's; without a processor the budget is the default one at this tower's patch size."""
-    if processor is None:
-        processor = type("P", (), {"image_config": IMAGE_DEFAULTS.__class__(
-            **{**IMAGE_DEFAULTS.__dict__, "patch_size": cfg.vision.patch_size})})()
-    d = qwen2.describe(cfg, processor)
-    ipc = processor.image_config
+    ipc = (processor.image_config if processor is not None
+           else replace(IMAGE_DEFAULTS, patch_size=cfg.vision.patch_size))
+    d = qwen2.describe(cfg, SimpleNamespace(image_config=ipc))
     d.update(family=NAME, vision_tower="qwen3_vl_vision", projector="patch_merger+deepstack",
              deepstack_visual_indexes=list(cfg.vision.deepstack_visual_indexes),
              image_tokens_per_image=image_token_count(336, 336, ipc))
