@@ -45,6 +45,25 @@ QWEN2_VL_TEMPLATE = (
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL-*-Instruct's chat template without its tool branches (no default system prompt, unlike Qwen2-VL's)
+QWEN3_VL_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- macro render_content(content, do_vision_count) %}{%- if content is string %}{{- content }}{%- else %}"
+    "{%- for item in content %}{%- if 'image' in item or 'image_url' in item or item.type == 'image' %}"
+    "{%- if do_vision_count %}{%- set image_count.value = image_count.value + 1 %}{%- endif %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif 'video' in item or item.type == 'video' %}{%- if do_vision_count %}"
+    "{%- set video_count.value = video_count.value + 1 %}{%- endif %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in item %}{{- item.text }}{%- endif %}{%- endfor %}{%- endif %}{%- endmacro %}"
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + render_content(messages[0].content, false) + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- set content = render_content(message.content, True) %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
@@ -284,6 +303,63 @@ def hf_qwen2_vl(folder: Path):
     kind = json.loads((Path(folder) / "config.json").read_text())["model_type"]
     Model = T.Qwen2VLForConditionalGeneration if kind == "qwen2_vl" else T.Qwen2_5_VLForConditionalGeneration
     return Model.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+QWEN3_VL_PIXELS = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)   # 4 to 64 image tokens
+
+
+def build_qwen3_vl(folder: Path, *, tie=False, seed=0, mrope_section=(4, 2, 2), deepstack=(0, 2)) -> Path:
+    """Save a tiny Qwen3VLForConditionalGeneration (+ its image processor and chat template): a 3-block
+    ViT over 16-px patches with a 4x4 learned position table (every test image resamples it) and
+    DeepStack from blocks `deepstack`, a 3-layer Qwen3 decoder with head_dim 16 (not hidden/heads)."""
+    import transformers as T
+    folder = Path(folder)
+    vocab = write_tokenizer(folder, "qwen2_vl")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=vocab["vocab_size"], max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": list(mrope_section),
+                                 "mrope_interleaved": True, "rope_theta": 5e6},
+                bos_token_id=None, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+                tie_word_embeddings=tie, initializer_range=0.1)
+    vision = dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=list(deepstack), initializer_range=0.1)
+    ids = {k: vocab[t] for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                                     ("vision_start_token_id", "<|vision_start|>"),
+                                     ("vision_end_token_id", "<|vision_end|>"))}
+    cfg = T.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+    torch.manual_seed(seed)
+    model = T.Qwen3VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():       # make images matter, and q/k norms and biases other than ones and zeros
+        for name, p in model.named_parameters():
+            if "visual" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")) or ("visual" in name and p.dim() == 1):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    image_processor = T.Qwen2VLImageProcessorPil(**QWEN3_VL_PIXELS, patch_size=16, merge_size=2,
+                                                 temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(QWEN3_VL_TEMPLATE)
+    return folder
+
+
+def hf_qwen3_vl_processor(folder: Path):
+    """transformers' Qwen3VLProcessor over the saved tokenizer and image processor (no video processor)."""
+    from unittest import mock
+    import transformers as T
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"),
+                                       **{k: v for k, v in json.loads((Path(folder) / "tokenizer_config.json")
+                                                                      .read_text()).items() if k.endswith("_token") and v})
+    image_processor = T.AutoImageProcessor.from_pretrained(folder)
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return T.Qwen3VLProcessor(image_processor=image_processor, tokenizer=hf_tok, video_processor=None,
+                                  chat_template=QWEN3_VL_TEMPLATE)
+
+
+def hf_qwen3_vl(folder: Path):
+    import transformers as T
+    return T.Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def build_llava_next(folder: Path, *, text="llama", feature_layer=-2, image_size=32, patch=8, seed=0,

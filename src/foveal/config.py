@@ -126,6 +126,8 @@ class TextConfig:
     pad_token_id: int | None = None
     sliding_window: int | None = None          # Mistral v0.1; attention beyond it is not windowed here
     mrope_section: tuple[int, ...] | None = None   # multimodal RoPE (Qwen2-VL): frequencies per position row
+    mrope_interleaved: bool = False            # M-RoPE rows interleaved over the frequencies (Qwen3-VL), not in sections
+    qk_norm: bool = False                      # RMSNorm over each q / k head before RoPE (Qwen3)
 
 
 @dataclass

@@ -30,6 +30,7 @@ MODEL_TYPES = {
     "qwen2": "text_only",
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
+    "qwen3_vl": "qwen3_vl",
 }
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -42,6 +43,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "text_only",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 # what the error lists: family -> the model types it reads
 SUPPORTED = {
@@ -49,6 +51,7 @@ SUPPORTED = {
              "the original LLaVA repo (llava_llama, llava_mistral, llava_qwen)",
     "text_only": "text-only llama, mistral, qwen2",
     "qwen2_vl": "Qwen2-VL and Qwen2.5-VL (qwen2_vl, qwen2_5_vl)",
+    "qwen3_vl": "Qwen3-VL, images (qwen3_vl)",
 }
 
 

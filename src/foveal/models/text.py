@@ -15,6 +15,11 @@ Design decisions (after gpt-fast):
   (T, kv_len) mask. This trades shape stability
   (torch.compile / CUDA graphs would want the full cache and a mask) for work proportional to
   the real length, which is what eager CPU decode needs.
+- Per-layer additions for prefill (`layer_additions`): rows added to the hidden states at masked
+  positions after the first len(additions) layers (Qwen3-VL's DeepStack visual features). Only a
+  prefill passes them; the decode step's inputs and work are unchanged.
+- Optional per-head q/k RMSNorm before RoPE (`cfg.qk_norm`, Qwen3), and M-RoPE rows either in
+  sections (Qwen2-VL) or interleaved over the frequencies (`cfg.mrope_interleaved`, Qwen3-VL).
 - RoPE inverse frequencies are computed once (default / linear / llama3) or per call from the
   largest position (dynamic NTK, as transformers' `dynamic_rope_update` does).
 - GQA through SDPA's `enable_gqa`, so K/V are never repeated in memory.
@@ -31,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import RopeConfig, TextConfig
+from ..errors import PromptError
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position: int, seq_len: int | None = None) -> torch.Tensor:
@@ -106,6 +112,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:     # Qwen3: over each head's head_dim, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, attn: AttnSpec):
@@ -113,6 +123,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
@@ -213,13 +225,21 @@ class TextModel(nn.Module):
             # Qwen2-VL's apply_multimodal_rotary_pos_emb: frequency section i rotates by position row i % 3
             # (temporal, height, width); taken on the half before doubling, which is the same selection
             rows = positions.float()[:, :, None] * inv_freq.float()[None, None, :]   # (3, T, hd/2)
-            sections = rows.split(list(self.cfg.mrope_section), dim=-1)
-            freqs = torch.cat([s[i % 3] for i, s in enumerate(sections)], dim=-1)   # (T, hd/2)
+            if self.cfg.mrope_interleaved:
+                # Qwen3-VL's recomposition_frequencies: frequency j takes row 1 (height) if j % 3 == 1 and
+                # j < 3 * section[1], row 2 (width) if j % 3 == 2 and j < 3 * section[2], else row 0
+                freqs = rows[0].clone()
+                for row in (1, 2):
+                    idx = slice(row, self.cfg.mrope_section[row] * 3, 3)
+                    freqs[:, idx] = rows[row][:, idx]
+            else:
+                sections = rows.split(list(self.cfg.mrope_section), dim=-1)
+                freqs = torch.cat([s[i % 3] for i, s in enumerate(sections)], dim=-1)   # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)                            # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
-                start: int | None = None) -> torch.Tensor:
+                start: int | None = None, layer_additions=None) -> torch.Tensor:
         """embeds (B, T, D) at RoPE positions (T,) or (3, T) -> hidden states (B, T, D).
 
         With a cache, the new tokens go into slots [start, start + T); by default start = positions[0]
@@ -227,7 +247,10 @@ class TextModel(nn.Module):
         tokens: right-padded batches need no extra mask, since real tokens never attend to the padding
         after them. kv_len: a decode step (T == 1) may say how many cache slots it attends to (its slot
         + 1), so that nothing reads a position back (no device sync; a Python int that torch.compile
-        keeps symbolic)."""
+        keeps symbolic).
+        layer_additions: for a prefill, a list of (mask (B, T) bool, rows (mask.sum(), D)); entry i is
+        added to the hidden states at the masked positions after layer i (HF Qwen3-VL's
+        `_deepstack_process`)."""
         cos, sin = self.rope(positions, embeds.dtype)
         T = embeds.shape[1]
         if kv_len is not None and T == 1:
@@ -247,14 +270,25 @@ class TextModel(nn.Module):
                 new = torch.arange(start, kv_len, device=embeds.device)
                 attn = AttnSpec(slots[None, :] <= new[:, None], False, kv_len)   # (T, kv_len)
         x = embeds
-        for layer in self.layers:
+        n_added = 0 if layer_additions is None else len(layer_additions)
+        for i, layer in enumerate(self.layers):
             if layer.input_layernorm.weight.device != x.device:   # split by --gpu-layers: cross once
                 x, cos, sin, attn = _to_device(layer.input_layernorm.weight.device, x, cos, sin, attn)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attn)
+            if i < n_added:
+                x = _add_rows(x, *layer_additions[i])
         return self.norm(x.to(self.norm.weight.device))
+
+
+def _add_rows(x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) with rows (n, D) added at the n True positions of mask (B, T), out of place."""
+    mask = mask.to(x.device)
+    if rows.shape[0] != int(mask.sum()):
+        raise PromptError(f"{rows.shape[0]} feature rows to add at {int(mask.sum())} masked positions")
+    return x.masked_scatter(mask[..., None], x[mask] + rows.to(x.device, x.dtype))
 
 
 def _to_device(device, x, cos, sin, attn: AttnSpec):

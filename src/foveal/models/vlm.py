@@ -109,12 +109,13 @@ class DecoderVLM(nn.Module):
         self._compiled_decode = dynamic_buffers(torch.compile(self.decode_step, dynamic=True))
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False,
-                start: int | None = None) -> torch.Tensor:
+                start: int | None = None, layer_additions=None) -> torch.Tensor:
         """embeds (B, T, D) at RoPE positions input_pos (T,) or (3, T), in cache slots from start (default:
-        input_pos[0]) -> logits (B, T, V), or (B, 1, V) for the last position."""
+        input_pos[0]) -> logits (B, T, V), or (B, 1, V) for the last position. layer_additions: rows added
+        after the first decoder layers (TextModel.forward), for a prefill."""
         B, T = embeds.shape[:2]
         with matmuls(embeds, rows=B * T):
-            h = self.language_model(embeds, input_pos, start=start)
+            h = self.language_model(embeds, input_pos, start=start, layer_additions=layer_additions)
         if last_only:
             h = h[:, -1].unsqueeze(1)       # contiguous (B, 1, D): a strided view made F.linear copy the head
         with matmuls(h, rows=h.shape[0] * h.shape[1]):

@@ -52,7 +52,7 @@ IMAGE_TOKEN = "<|image_pad|>"
 
 @dataclass
 class QwenVLConfig:
-    kind: str                    # qwen2_vl | qwen2_5_vl
+    kind: str                    # qwen2_vl | qwen2_5_vl | qwen3_vl (the qwen3_vl family builds it too)
     architecture: str
     text: C.TextConfig           # with mrope_section
     vision: QwenVisionConfig
