@@ -184,8 +184,10 @@ class VLM:
         stats.total_s = time.perf_counter() - t0
         splitter = ThinkingSplitter()
         keys = [(c.key, c.n_tokens) for c in p.images]
+        # positions only where the family computes its own (M-RoPE): otherwise the engine's 0..T-1
+        positions = {} if p.positions is None else {"positions": p.positions, "next_position": p.next_position}
         for chunk in self.engine.stream(p.input_ids, p.image_mask, embeds, keys, opts, stats, cancel, constraint,
-                                        positions=p.positions, next_position=p.next_position):
+                                        **positions):
             chunk.thinking, chunk.text = splitter.push(chunk.text)
             if chunk.done:
                 thinking, text = splitter.flush()
