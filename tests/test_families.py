@@ -20,7 +20,8 @@ from foveal.errors import PromptError
 from foveal.models import registry
 from foveal.plan import plan
 from live_server import MODEL, LiveServer
-from tiny import QWEN_TEMPLATE, _text_config, build_llava, build_llava_next, build_qwen2_vl, write_tokenizer
+from tiny import (QWEN_TEMPLATE, _text_config, build_llava, build_llava_next, build_qwen2_vl, build_qwen3_vl,
+                  write_tokenizer)
 
 
 def build_text(folder):
@@ -38,9 +39,10 @@ BUILDERS = {
     "text_only": build_text,
     "qwen2_vl": lambda f: build_qwen2_vl(f, kind="qwen2_vl"),
     "qwen2_5_vl": lambda f: build_qwen2_vl(f, kind="qwen2_5_vl"),
+    "qwen3_vl": build_qwen3_vl,
 }
 MODULE_OF = {"llava": "llava", "llava_next": "llava", "text_only": "text_only", "qwen2_vl": "qwen2_vl",
-             "qwen2_5_vl": "qwen2_vl"}       # the family module each builder's checkpoint goes to
+             "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl"}       # the family module each builder's checkpoint goes to
 FAMILY_OF = {k: "text" if v == "text_only" else v for k, v in MODULE_OF.items()}   # its NAME
 
 

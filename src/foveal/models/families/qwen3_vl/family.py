@@ -119,6 +119,17 @@ def describe(cfg: QwenVLConfig, processor: QwenVLProcessor | None = None) -> dic
     return d
 
 
+plan_complete = qwen2.plan_complete
+
+
+def plan_vision(cfg: QwenVLConfig, images: int, dbytes: int, image_processor: dict | None = None,
+                processor: QwenVLProcessor | None = None) -> tuple[int, int, list[str]]:
+    """As Qwen2-VL's, plus the DeepStack rows each image's embedding carries (cached with it)."""
+    per_image, activations, notes = qwen2.plan_vision(cfg, images, dbytes, image_processor, processor)
+    extra = images * per_image * cfg.vision.out_width * len(cfg.vision.deepstack_visual_indexes) * dbytes * 2
+    return per_image, activations + extra, notes
+
+
 class Qwen3VLModel(DecoderVLM):
     parts = {"visual": "vision", "language_model": "language_model", "lm_head": "language_model"}
 
