@@ -165,3 +165,13 @@ def test_both_servers_answer_with_the_official_clients(model):
         out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
                                              max_tokens=4, temperature=0)
         assert out.choices[0].message.content == expected.text
+
+
+def test_quantize_command_writes_a_checkpoint_that_loads_and_answers_as_in_memory(model, tmp_path):
+    _, folder, vlm = model
+    out = tmp_path / "q8"
+    assert cli_main(["quantize", str(folder), str(out), "--mode", "int8", "--dtype", "float32"]) == 0
+    saved = foveal.load(str(out), dtype="float32")
+    direct = foveal.load(str(folder), dtype="float32", quant="int8")
+    messages = _ask(vlm, "What is this?", _image())
+    assert torch.equal(saved.prompt_logits(messages)[1], direct.prompt_logits(messages)[1])

@@ -319,6 +319,7 @@ def load(ref=None, *, device: str = "cpu", dtype=None, quant=None, vision_tower=
     vlm = VLM(model, cfg, family, processor, engine, tokenizer, ck.path, dtype, device,
               image_limits or ImageLimits(), time.perf_counter() - t0)
     vlm.unused_tensors = unused
+    vlm.raw_config = ck.raw_config
     return vlm
 
 

@@ -356,7 +356,7 @@ def cmd_quantize(args) -> int:
                 mmproj=args.mmproj, gpu_layers=args.gpu_layers, compile=args.compile)
     vlm = load(args.model, **opts)
     plan = quantize_model(vlm.model, args.mode, args.group_size, vision=args.vision, symmetric=args.symmetric)
-    out = save_quantized(vlm.model, vlm.config, vlm.path, args.out)
+    out = save_quantized(vlm.model, vlm.config, vlm.path, args.out, vlm.raw_config, vlm.family)
     modes = sorted(set(plan.values()))
     print(f"wrote {out}: {len(plan)} linear layers quantized ({', '.join(modes)}), weights "
           f"{vlm.weight_bytes() / 2**20:.1f} MiB")

@@ -218,15 +218,18 @@ def swap_to_quantized(model: nn.Module, qcfg: dict, dtype: torch.dtype) -> None:
     model.quantization = qcfg
 
 
-def checkpoint_state_dict(model: nn.Module, cfg) -> dict[str, torch.Tensor]:
-    """HF-named tensors of a (quantized) model, the quantized LM head included even when tied."""
+def checkpoint_state_dict(model: nn.Module, cfg, family=None) -> dict[str, torch.Tensor]:
+    """HF-named tensors of a (quantized) model, the quantized LM head included even when tied. family: the
+    model's family module (its hf_name map); LLaVA's by default."""
+    from ..models.families import llava
     from ..weights.save import hf_state_dict
-    sd = hf_state_dict(model, cfg)
+    name_of = (family or llava).hf_name
+    sd = hf_state_dict(model, cfg, name_of)
     head = model.lm_head
     if isinstance(head, QUANTIZED):
-        prefix = "language_model.lm_head." if cfg.vision is not None else "lm_head."
-        sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "language_model.lm_head."))}
-        sd |= {prefix + k: v.detach().contiguous() for k, v in head.state_dict().items()}
+        names = {name_of(f"lm_head.{k}", cfg): v for k, v in head.state_dict().items()}
+        sd = {k: v for k, v in sd.items() if k != name_of("lm_head.weight", cfg)}
+        sd |= {k: v.detach().contiguous() for k, v in names.items()}
     return sd
 
 
@@ -234,22 +237,23 @@ COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 
 
-def save_quantized(model: nn.Module, cfg, source: Path, out: Path, raw_config: dict | None = None) -> Path:
+def save_quantized(model: nn.Module, cfg, source: Path, out: Path, raw_config: dict | None = None,
+                   family=None) -> Path:
     """Write a quantized model as safetensors + config.json (with `quantization`) + the source's
-    tokenizer / processor / template files, loadable by `foveal.load(out)` alone."""
+    tokenizer / processor / template files, loadable by `foveal.load(out)` alone. family: the model's
+    family module (its checkpoint names and config.json); LLaVA's by default."""
     from safetensors.torch import save_file
 
-    from ..weights.save import config_to_hf
+    from ..models.families import llava
+    family = family or llava
     qcfg = getattr(model, "quantization", None)
     if not qcfg:
         raise ConfigError("the model is not quantized: call quantize_model first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sd = checkpoint_state_dict(model, cfg)
+    sd = checkpoint_state_dict(model, cfg, family)
     save_file(sd, out / "model.safetensors", metadata={"format": "pt", "quantization": json.dumps(qcfg)})
-    hf = config_to_hf(cfg)
-    if raw_config and raw_config.get("image_aspect_ratio"):
-        hf["image_aspect_ratio"] = raw_config["image_aspect_ratio"]
+    hf = family.config_to_hf(cfg, raw_config or {})
     floats = [v.dtype for v in sd.values() if v.is_floating_point()]
     hf["dtype"] = str(floats[0] if floats else torch.float32).replace("torch.", "")
     hf["quantization"] = qcfg

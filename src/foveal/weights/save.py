@@ -79,23 +79,28 @@ def config_to_hf(cfg: VLMConfig) -> dict:
     }
 
 
-def hf_state_dict(model: torch.nn.Module, cfg: VLMConfig) -> dict[str, torch.Tensor]:
-    out = {}
+def hf_name(name: str, cfg: VLMConfig) -> str:
+    """A LLaVA (or text) model's module name -> the checkpoint name it is saved under."""
     vlm = cfg.vision is not None
+    if name.startswith("lm_head."):
+        return ("language_model." if vlm else "") + name
+    if name.startswith("language_model."):
+        return ("language_model.model." if vlm else "model.") + name[len("language_model."):]
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower."):]
+    return name
+
+
+def hf_state_dict(model: torch.nn.Module, cfg, name_of=hf_name) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors of a model (no caches, no RoPE buffers, a tied head once); name_of: the
+    family's module name -> checkpoint name map."""
+    out = {}
     for name, t in model.state_dict().items():
         if ".kv_cache." in name or name.endswith("inv_freq"):
             continue
-        if name == "lm_head.weight":
-            if cfg.text.tie_word_embeddings:
-                continue
-            key = "language_model.lm_head.weight" if vlm else "lm_head.weight"
-        elif name.startswith("language_model."):
-            key = ("language_model.model." if vlm else "model.") + name[len("language_model."):]
-        elif name.startswith("vision_tower."):
-            key = "vision_tower.vision_model." + name[len("vision_tower."):]
-        else:
-            key = name
-        out[key] = t.detach().contiguous()
+        if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
+            continue
+        out[name_of(name, cfg)] = t.detach().contiguous()
     return out
 
 

@@ -64,6 +64,21 @@ def processor(cfg: C.VLMConfig, ck: Checkpoint, image_mode: str | None = None) -
     return LlavaProcessor(cfg, prompt, _image_config(cfg, ck.image_processor, ck.raw_config, image_mode))
 
 
+def hf_name(name: str, cfg: C.VLMConfig) -> str:
+    """Module name -> checkpoint name (llava-hf's legacy layout, which every transformers reads)."""
+    from ...weights.save import hf_name as legacy
+    return legacy(name, cfg)
+
+
+def config_to_hf(cfg: C.VLMConfig, raw: dict) -> dict:
+    """config.json for a checkpoint foveal writes of this model (written in full)."""
+    from ...weights.save import config_to_hf as full
+    hf = full(cfg)
+    if raw.get("image_aspect_ratio"):
+        hf["image_aspect_ratio"] = raw["image_aspect_ratio"]
+    return hf
+
+
 def describe(cfg: C.VLMConfig, processor=None) -> dict:
     v = cfg.vision
     return {

@@ -19,6 +19,8 @@ def complete(cfg: C.VLMConfig, ck: Checkpoint, vision_tower=None) -> None:
 
 
 build = llava.build
+hf_name = llava.hf_name
+config_to_hf = llava.config_to_hf
 plan_complete = llava.plan_complete
 plan_vision = llava.plan_vision
 

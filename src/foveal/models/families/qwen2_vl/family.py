@@ -108,6 +108,21 @@ def complete(cfg: QwenVLConfig, ck: Checkpoint, vision_tower=None) -> None:
         ck.sources[name[len("model."):]] = ck.sources.pop(name)
 
 
+def hf_name(name: str, cfg: QwenVLConfig) -> str:
+    """Module name -> checkpoint name, as transformers 5 saves the model."""
+    if name.startswith(("visual.", "language_model.")):
+        return "model." + name
+    return name
+
+
+def config_to_hf(cfg: QwenVLConfig, raw: dict) -> dict:
+    """config.json for a checkpoint foveal writes of this model: the one it was read from (the model is
+    not reshaped by quantizing)."""
+    if not raw:
+        raise ConfigError("writing a Qwen2-VL checkpoint needs the config.json it was loaded from")
+    return dict(raw)
+
+
 def build(cfg: QwenVLConfig) -> "QwenVLModel":
     return QwenVLModel(cfg)
 

@@ -120,6 +120,8 @@ def describe(cfg: QwenVLConfig, processor: QwenVLProcessor | None = None) -> dic
 
 
 plan_complete = qwen2.plan_complete
+hf_name = qwen2.hf_name
+config_to_hf = qwen2.config_to_hf
 
 
 def plan_vision(cfg: QwenVLConfig, images: int, dbytes: int, image_processor: dict | None = None,
