@@ -175,3 +175,17 @@ def test_quantize_command_writes_a_checkpoint_that_loads_and_answers_as_in_memor
     direct = foveal.load(str(folder), dtype="float32", quant="int8")
     messages = _ask(vlm, "What is this?", _image())
     assert torch.equal(saved.prompt_logits(messages)[1], direct.prompt_logits(messages)[1])
+
+
+def test_eval_command_scores_a_benchmark_file(model, tmp_path, capsys):
+    from foveal.data import write_dataset
+    from foveal.eval import load_report
+    _, folder, vlm = model
+    if vlm.describe()["vision_tower"] is None:
+        pytest.skip("the benchmark files ask about images")
+    world = write_dataset(tmp_path / "world", n=2, seed=7, formats=("pope",))
+    out = tmp_path / "run.json"
+    assert cli_main(["eval", str(folder), "--data", str(world["pope"]), "--limit", "3", "--max-tokens", "2",
+                     "--dtype", "float32", "--out", str(out), "--no-chart"]) == 0
+    report = load_report(out)
+    assert report["overall"]["count"] == 3 and report["overall"]["errors"] == 0
