@@ -205,11 +205,12 @@ def plan_vision(cfg: QwenVLConfig, images: int, dbytes: int, image_processor: di
 
 class QwenVLModel(DecoderVLM):
     parts = {"visual": "vision", "language_model": "language_model", "lm_head": "language_model"}
+    tower = QwenVisionTower
 
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = QwenVisionTower(cfg.vision)
+        self.visual = self.tower(cfg.vision)
         self._init_decoder(cfg.text)
 
     @property
@@ -220,13 +221,17 @@ class QwenVLModel(DecoderVLM):
         super().init_buffers()
         self.visual.rotary_pos_emb.init_rope(self.vision_device)
 
+    def _run_tower(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """The tower's rows for all images of the batch, in order: (patches / merge^2, width)."""
+        return self.visual(x, grid)
+
     def encode(self, pixels) -> list[torch.Tensor]:
         """(pixel_values (patches, C*Tp*P*P), grid_thw (n, 3)) -> one (t*h*w / merge^2, D) embedding per image."""
         pixel_values, grid = pixels
         weight = self.visual.patch_embed.proj.weight
         x = pixel_values.to(weight.device, weight.dtype)
         with matmuls(x, rows=x.shape[0]):
-            out = self.visual(x, grid.to(weight.device))
+            out = self._run_tower(x, grid.to(weight.device))
         merge = self.cfg.vision.spatial_merge_size ** 2
         return list(out.split([int(t * h * w) // merge for t, h, w in grid.tolist()]))
 

@@ -32,11 +32,9 @@ import torch
 
 from .... import config as C
 from ....errors import ConfigError, PromptError
-from ...cpu import matmuls
-from ...vlm import DecoderVLM
 from ..qwen2_vl import family as qwen2
 from ..qwen2_vl.config import QwenVisionConfig, mrope_section
-from ..qwen2_vl.family import QwenVLConfig, QwenVLProcessor
+from ..qwen2_vl.family import QwenVLConfig, QwenVLModel, QwenVLProcessor
 from ..qwen2_vl.image_processing import IMAGE_DEFAULTS, image_token_count
 from .vision import Qwen3VisionTower
 
@@ -132,35 +130,19 @@ def plan_vision(cfg: QwenVLConfig, images: int, dbytes: int, image_processor: di
     return per_image, activations + extra, notes
 
 
-class Qwen3VLModel(DecoderVLM):
-    parts = {"visual": "vision", "language_model": "language_model", "lm_head": "language_model"}
+class Qwen3VLModel(QwenVLModel):
+    """Qwen2-VL's model with Qwen3-VL's tower; `encode` gives each image's rows (t*h*w / merge^2,
+    D * (1 + len(deepstack))): the merged embedding, then each deepstack feature, so the engine's
+    embedding cache keeps them together."""
+    tower = Qwen3VisionTower
 
     def __init__(self, cfg: QwenVLConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.visual = Qwen3VisionTower(cfg.vision)
-        self._init_decoder(cfg.text)
+        super().__init__(cfg)
         self._deepstack = None        # (image mask (B, T), [rows (n, D)] per decoder layer) until the prefill
 
-    @property
-    def vision_device(self) -> torch.device:
-        return self.visual.patch_embed.proj.weight.device
-
-    def init_buffers(self) -> None:
-        super().init_buffers()
-        self.visual.rotary_pos_emb.init_rope(self.vision_device)
-
-    def encode(self, pixels) -> list[torch.Tensor]:
-        """(pixel_values, grid_thw (n, 3)) -> one (t*h*w / merge^2, D * (1 + len(deepstack))) tensor per
-        image: the merged embedding, then each deepstack feature."""
-        pixel_values, grid = pixels
-        weight = self.visual.patch_embed.proj.weight
-        x = pixel_values.to(weight.device, weight.dtype)
-        with matmuls(x, rows=x.shape[0]):
-            merged, deepstack = self.visual(x, grid.to(weight.device))
-        out = torch.cat([merged, *deepstack], dim=-1)
-        merge = self.cfg.vision.spatial_merge_size ** 2
-        return list(out.split([int(t * h * w) // merge for t, h, w in grid.tolist()]))
+    def _run_tower(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        merged, deepstack = self.visual(x, grid)
+        return torch.cat([merged, *deepstack], dim=-1)
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
