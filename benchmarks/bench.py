@@ -5,8 +5,10 @@
     foveal bench --workload tiny --repeats 1 --peers transformers        # smoke test
     foveal bench --workload qwen2.5-vl-tiny --repeats 1 --peers transformers
 
-qwen2.5-vl-3b writes a 7.5 GB bf16 folder (and, with llama.cpp, F16 / Q8_0 / Q4_0 GGUF pairs of about
-7.5, 4 and 2.3 GB) under --cache-dir; transformers fp32 needs about 16 GB of RAM.
+qwen2.5-vl-3b (3.75 B weights, 0.67 B of them the vision tower) writes a 7.5 GB bf16 folder under
+--cache-dir, and with llama.cpp F16 / Q8_0 / Q4_0 GGUF pairs of about 7.5, 4.6 and 3.1 GB (each with a
+1.3 GB F16 mmproj): about 23 GB of disk in all. Its request is one 1280x960 image (1230 image tokens)
++ question, 1302 prompt tokens; transformers fp32 needs about 17 GB of RAM, the bf16 engines 8-9 GB.
 
 Design decisions:
 - One run measures everything, including the machine's memory bandwidth (copy and sum of a
