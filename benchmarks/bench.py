@@ -1,7 +1,14 @@
 """foveal against its peers, side by side in one run, on the same random-weight model.
 
     python benchmarks/bench.py --workload llava-0.5b --repeats 5 --out benchmarks/results.md
+    python benchmarks/bench.py --workload qwen2.5-vl-3b --repeats 3 --out benchmarks/results-qwen2.5-vl-3b.md
     foveal bench --workload tiny --repeats 1 --peers transformers        # smoke test
+    foveal bench --workload qwen2.5-vl-tiny --repeats 1 --peers transformers
+
+qwen2.5-vl-3b (3.75 B weights, 0.67 B of them the vision tower) writes a 7.5 GB bf16 folder under
+--cache-dir, and with llama.cpp F16 / Q8_0 / Q4_0 GGUF pairs of about 7.5, 4.6 and 3.1 GB (each with a
+1.3 GB F16 mmproj): about 23 GB of disk in all. Its request is one 1280x960 image (1230 image tokens)
++ question, 1302 prompt tokens; transformers fp32 needs about 17 GB of RAM, the bf16 engines 8-9 GB.
 
 Design decisions:
 - One run measures everything, including the machine's memory bandwidth (copy and sum of a
@@ -34,7 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import WORKLOADS, build, export_gguf, make_image, prompt_ids  # noqa: E402
+from workloads import WORKLOADS, build, export_gguf, image_size, is_qwen_vl, make_image, prompt_ids  # noqa: E402
 
 FOVEAL_MODES = ("bf16", "bf16-compiled", "int8", "int8-compiled", "int4", "int4-compiled")
 FOVEAL = [(f"foveal {m.replace('-', ' ')}", "foveal", m) for m in FOVEAL_MODES]
@@ -44,6 +51,7 @@ PEERS = {
                   ("llama.cpp Q4_0", "llama.cpp", "q4_0")],
 }
 METRICS = [   # key, column title, format
+    ("image_tokens", "image tokens", "{:d}"),
     ("preprocess_ms", "preprocess ms", "{:.1f}"), ("encode_ms", "encode ms/image", "{:.0f}"),
     ("prefill_tps", "prefill tok/s", "{:.0f}"), ("ttft_ms", "TTFT ms", "{:.0f}"),
     ("decode_tps", "decode tok/s", "{:.1f}"), ("peak_rss_mib", "peak RSS MiB", "{:.0f}"),
@@ -130,9 +138,16 @@ def decode_bytes(folder: Path, engine: str, variant: str, gguf: Path | None = No
     from foveal.plan import plan
     mode = variant.removesuffix("-compiled")
     quant = mode if mode in ("int8", "int4") else None
-    p = plan(folder, ctx=1024, images=1, quant=quant, dtype="float32" if variant == "fp32" else "bfloat16",
+    p = plan(folder, ctx=4096, images=1, quant=quant, dtype="float32" if variant == "fp32" else "bfloat16",
              memory="1TiB")
     return p.layers + (p.head or p.embedding)
+
+
+def _has_qwen_handler() -> bool:
+    """Whether llama-cpp-python has mtmd's Qwen2.5-VL chat handler (asked in a child process: importing
+    llama_cpp here would add its library to this process)."""
+    probe = "import llama_cpp.llama_chat_format as f; raise SystemExit(0 if hasattr(f, 'Qwen25VLChatHandler') else 1)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
 # ---- running one engine ----------------------------------------------------------------------------------
@@ -152,7 +167,7 @@ def summarize(result: dict, bytes_per_token: int, bw: dict) -> dict:
     for key, _, _ in METRICS:
         values = [r[key] for r in result["runs"] if r.get(key) is not None]
         if values:
-            row[key] = statistics.median(values)
+            row[key] = values[0] if key == "image_tokens" else statistics.median(values)
     row["peak_rss_mib"] = result["peak_rss"] / 2**20
     if "peak_gpu" in result:
         row["peak_gpu_mib"] = result["peak_gpu"] / 2**20
@@ -211,7 +226,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"building {args.workload} in {cache} ...", file=sys.stderr)
     folder = build(args.workload, cache)
-    image = make_image(cache / "bench-image.png")
+    width, height = image_size(args.workload)
+    image = make_image(cache / ("bench-image.png" if (width, height) == (640, 480) else
+                                f"bench-image-{width}x{height}.png"), (width, height))
     ids, n_image = prompt_ids(folder, image)
     print(f"model ready ({time.perf_counter() - t0:.0f} s); measuring bandwidth ...", file=sys.stderr)
     bw = bandwidth(args.bandwidth_mib, device, args.threads)
@@ -239,6 +256,11 @@ def main(argv=None) -> int:
                 continue
             job = dict(common, engine=engine, variant=variant)
             if engine == "llama.cpp":
+                if is_qwen_vl(folder) and not _has_qwen_handler():
+                    skipped.append(f"{label}: this llama-cpp-python has no Qwen25VLChatHandler (mtmd's Qwen2.5-VL "
+                                   f"chat handler); a newer release has it")
+                    continue
+                job["image_token_id"] = json.loads((folder / "config.json").read_text())["image_token_id"]
                 try:
                     gguf, mmproj = export_gguf(folder, variant)
                 except Exception as e:     # noqa: BLE001 - a failed export skips this peer, says why
