@@ -282,3 +282,44 @@ def test_bad_video_options_are_prompt_errors(pair, videos):
         with pytest.raises(PromptError, match=match):
             ours.generate([{"role": "user", "content": [{"type": "video", "video": str(videos["mp4"]), **options}]}],
                           max_tokens=1)
+
+
+# ---- front ends: the CLI and the OpenAI server --------------------------------------------------------
+def test_cli_run_with_a_video(pair, videos, capsys):
+    from foveal.cli import main
+    kind, folder, *_ = pair
+    code = main(["run", str(folder), "--video", str(videos["mp4"]), "What happens?", "--max-tokens", "3",
+                 "--stats", "--dtype", "float32"])
+    err = capsys.readouterr().err
+    assert code == 0 and "8 video (4 frames)" in err          # 2 time steps x 4 merged patches
+    assert main(["run", str(folder), "--video", str(videos["dir"] / "nope.mp4"), "?"]) == 1
+    assert "no such video file" in capsys.readouterr().err
+
+
+def test_openai_server_takes_video_url(pair, videos):
+    from openai import BadRequestError, OpenAI
+    from live_server import MODEL, LiveServer
+    _, _, ours, _, _ = pair
+    data = videos["mp4"].read_bytes()
+    with LiveServer(ours, image_root=videos["dir"], max_videos=1, max_video_bytes=len(data) + 10) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        ask = lambda *parts: client.chat.completions.create(  # noqa: E731
+            model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}])
+        uri = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}
+        by_file = {"type": "video_url", "video_url": {"url": f"file://{videos['mp4']}"}}
+        r = ask(uri)
+        assert r.usage.prompt_tokens == len(ours.prompt_logits(_ask("?", str(videos["mp4"])))[0])
+        assert r.model_extra["timings"]["videos"] == 1 and r.model_extra["timings"]["video_frames"] == 4
+        assert ask(by_file).usage.prompt_tokens == r.usage.prompt_tokens
+        for parts, match in (((uri, by_file), "too many videos: at most 1"),
+                             (({"type": "video_url", "video_url": {"url": f"file://{videos['long']}"}},),
+                              "over the limit of"),
+                             (({"type": "video_url", "video_url": {"url": "file:///etc/passwd"}},),
+                              "outside the image root"),
+                             (({"type": "video_url", "video_url": {"url": "data:image/png;base64,AAAA"}},),
+                              "data URI of a video"),
+                             (({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
+                                                                   + base64.b64encode(b"x" * 64).decode()}},),
+                              "not a video in a container")):
+            with pytest.raises(BadRequestError, match=match):
+                ask(*parts)
