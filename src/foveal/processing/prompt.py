@@ -26,6 +26,10 @@ Design decisions:
   same string HF's processor tokenizes. When the vocabulary has no image token (original
   LLaVA), text chunks are tokenized separately and image slots spliced between them, as
   LLaVA's `tokenizer_image_token` does. Either way the model gets a boolean image mask.
+- Videos (`{"type": "video", "video": ...}` parts, or a message's `videos`) are listed among the
+  images as `VideoPart`s only for a caller that takes them (`takes_video`); any other caller gets a
+  PromptError naming its model. A model with a video placeholder token (Qwen2-VL's
+  `<|video_pad|>`) has it expanded like the image one; `PromptInputs.media` gives the order.
 - Streaming detokenization keeps two offsets (prefix/read) so each step decodes a short window,
   and holds text back while it ends in an incomplete UTF-8 sequence.
 """
