@@ -323,3 +323,18 @@ def test_openai_server_takes_video_url(pair, videos):
                               "not a video in a container")):
             with pytest.raises(BadRequestError, match=match):
                 ask(*parts)
+
+
+def test_a_checkpoint_without_a_video_token_refuses_video_by_name(pair, videos, tmp_path):
+    import shutil
+    kind, folder, *_ = pair
+    edited = tmp_path / "no-video"
+    shutil.copytree(folder, edited)
+    raw = json.loads((edited / "config.json").read_text())
+    raw["video_token_id"] = 7
+    (edited / "config.json").write_text(json.dumps(raw))
+    other = foveal.load(str(edited), dtype="float32")
+    with pytest.raises(PromptError, match=r"this Qwen2-VL checkpoint \(its tokenizer has no <\|video_pad\|> token 7\) "
+                                          r"does not take video"):
+        other.generate(_ask("?", str(videos["mp4"])), max_tokens=1)
+    assert other.generate(_ask("?", _frames(1)[0]), max_tokens=1).stats.images == 1

@@ -59,6 +59,8 @@ TOKEN_DEFAULTS = dict(image_token_id=151655, video_token_id=151656, vision_start
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 VIDEO_SAMPLING = dict(fps=2.0, min_frames=4, max_frames=768)   # Qwen2VLVideoProcessor's class defaults
+# Qwen3-VL writes a timestamp before each frame and has its own video processor: not read as video here
+VIDEO_KINDS = ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -142,7 +144,7 @@ def processor(cfg: QwenVLConfig, ck: Checkpoint, image_mode: str | None = None) 
                           f"frame(s), but the vision tower (config.json) takes {cfg.vision.patch_size}-px patches "
                           f"merged {cfg.vision.spatial_merge_size}x{cfg.vision.spatial_merge_size} over "
                           f"{cfg.vision.temporal_patch_size}")
-    video = tokenizer.token_id(VIDEO_TOKEN) == cfg.video_token_id
+    video = tokenizer.token_id(VIDEO_TOKEN) == cfg.video_token_id and cfg.kind in VIDEO_KINDS
     prompt = PromptBuilder(tokenizer, ck.template, cfg.image_token_id, 1, IMAGE_TOKEN,
                            VIDEO_TOKEN if video else None, cfg.video_token_id if video else None)
     video_raw = _video_processor_of(ck)
@@ -306,12 +308,16 @@ class QwenVLProcessor:
         sampled_fps = len(indices) / video.n_frames * video.fps if video.fps else 24
         return VideoChunk(video, n_tokens, indices, VideoOptions(vcfg, tp / sampled_fps, limits.video))
 
+    def _without_video(self) -> str:
+        if self.cfg.kind not in VIDEO_KINDS:
+            return f"a {self.cfg.kind} model (foveal reads video for Qwen2-VL and Qwen2.5-VL only)"
+        return f"this Qwen2-VL checkpoint (its tokenizer has no {VIDEO_TOKEN} token {self.cfg.video_token_id})"
+
     def _build(self, messages, limits, budget=None):
         ipc, variant = self.budgeted(budget)
         template_messages, sources = normalize_messages(messages, self.prompt.template,
                                                         takes_video=self.video_config is not None,
-                                                        model="this Qwen2-VL checkpoint (its tokenizer has no "
-                                                              f"{VIDEO_TOKEN})")
+                                                        model=self._without_video())
         images = [s for s in sources if not isinstance(s, VideoPart)]
         videos = [s for s in sources if isinstance(s, VideoPart)]
         self.prompt.build(template_messages, n_images=len(images), image_tokens=[1] * len(images),
