@@ -5,7 +5,7 @@ Design decisions:
   converted one at a time), so a model is never held twice.
 - The model's family (models/registry.py) maps its config, builds its model and makes its
   processor; nothing here knows one family from another.
-- One request = messages -> the family's processor (images decoded and validated, prompt ids
+- One request = messages -> the family's processor (images decoded and validated, videos probed, prompt ids
   with image slots, RoPE positions) -> engine (vision encode, skipped on a content-hash cache
   hit; prefill/decode). Timings of each stage travel in `result.stats`.
 - bfloat16 is the default on CPUs with native bf16 support (AVX-512-BF16 / AMX) and on GPUs
@@ -166,7 +166,10 @@ class VLM:
     def _prepare(self, messages, stats: Stats, budget=None):
         t0 = time.perf_counter()
         prepared = self.processor.prepare(messages, self.image_limits, budget)
-        stats.images = len(prepared.images)
+        videos = [c for c in prepared.images if c.kind == "video"]
+        stats.images = len(prepared.images) - len(videos)
+        stats.videos, stats.video_frames = len(videos), sum(c.frames for c in videos)
+        stats.video_tokens = sum(c.n_tokens for c in videos)
         stats.preprocess_s = time.perf_counter() - t0
         embeds = self.engine.image_embeds(prepared.images, self.processor, stats)
         return prepared, embeds

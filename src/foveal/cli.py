@@ -70,8 +70,10 @@ def _load(args, model):
                 quant=getattr(args, "quant", None), gpu_layers=args.gpu_layers, compile=args.compile)
 
 
-def _print_stats(stats, out=sys.stderr) -> None:
-    print(f"[{stats.prompt_tokens} prompt tokens ({stats.image_tokens} image, {stats.cached_tokens} cached), "
+def _print_stats(stats, out=None) -> None:
+    out = out or sys.stderr     # looked up now: a default bound at import keeps a stream that may be replaced
+    video = f"{stats.video_tokens} video ({stats.video_frames} frames), " if stats.videos else ""
+    print(f"[{stats.prompt_tokens} prompt tokens ({stats.image_tokens} image, {video}{stats.cached_tokens} cached), "
           f"{stats.generated_tokens} generated | preprocess {stats.preprocess_s * 1e3:.0f} ms, encode "
           f"{stats.encode_s * 1e3:.0f} ms, prefill {stats.prefill_s * 1e3:.0f} ms "
           f"({stats.prefill_tokens_per_s:.0f} tok/s), decode {stats.decode_s * 1e3:.0f} ms "
@@ -120,10 +122,14 @@ def cmd_run(args) -> int:
     elif len(args.words) == 2:
         model, prompt = args.words
     else:
-        raise FovealError("usage: foveal run [MODEL] [--image FILE ...] PROMPT")
+        raise FovealError("usage: foveal run [MODEL] [--image FILE ...] [--video FILE ...] PROMPT")
     sampling, schema = _sampling(args), _format(args.format)
     vlm = _load(args, args.model or model)
+    if args.video_fps is not None and args.video_fps <= 0:
+        raise FovealError(f"--video-fps must be a positive number, got {args.video_fps:g}")
     content = [{"type": "image", "image": path} for path in args.image or []]
+    content += [{"type": "video", "video": path, **({"fps": args.video_fps} if args.video_fps else {})}
+                for path in args.video or []]
     content.append({"type": "text", "text": prompt})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": content}]
@@ -326,6 +332,7 @@ def cmd_serve(args) -> int:
     from pathlib import Path
     from .server import ServerConfig, serve
     from .server.config import parse_duration
+    from .processing.images import ImageLimits, VideoLimits
     try:
         keep_alive = parse_duration(args.keep_alive, "--keep-alive")
     except ValueError as e:
@@ -335,6 +342,7 @@ def cmd_serve(args) -> int:
                           cors_origins=args.cors_origin or [], max_body_bytes=args.max_body_mb * 2**20,
                           max_header_bytes=args.max_header_kb * 2**10,
                           max_queue=args.max_queue, max_images=args.max_images,
+                          max_video_bytes=args.max_video_mb * 2**20,
                           image_url_domains=args.allow_image_host or [],
                           image_root=Path(args.image_root).expanduser() if args.image_root else None,
                           keep_alive_s=keep_alive)
@@ -343,7 +351,8 @@ def cmd_serve(args) -> int:
     serve(args.models, config, dict(device=args.device, dtype=args.dtype, context_length=args.ctx,
                                     vision_tower=args.vision_tower, image_mode=args.image_mode,
                                     mmproj=args.mmproj, quant=args.quant, gpu_layers=args.gpu_layers,
-                                    compile=args.compile))
+                                    compile=args.compile,
+                                    image_limits=ImageLimits(video=VideoLimits(max_bytes=config.max_video_bytes))))
     return 0
 
 
@@ -401,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT")
     p.add_argument("--model", default=None, help="model reference (instead of the first positional)")
     p.add_argument("--image", action="append", help="image file (repeatable)")
+    p.add_argument("--video", action="append", help="video file (repeatable; Qwen2-VL models; needs PyAV)")
+    p.add_argument("--video-fps", type=float, default=None, metavar="FPS",
+                   help="frames a second sampled from each video (default: the model's, 2 for Qwen2-VL)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--stats", action="store_true", help="print token counts and stage timings to stderr")
     p.add_argument("--think", action="store_true", help="show a thinking model's thought on stderr")
@@ -464,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request line + headers limit in KiB; over it: 431 (default 16)")
     p.add_argument("--max-queue", type=int, default=16, help="queued requests per model before 503 (default 16)")
     p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    p.add_argument("--max-video-mb", type=int, default=256,
+                   help="one video_url's size in MiB (a file:// or fetched video; default 256)")
     p.add_argument("--keep-alive", default="-1", help="idle time before a model unloads, e.g. 5m (default -1: "
                                                      "never, since the models were named at start-up)")
     p.add_argument("--access-log", action="store_true", help="log one JSON line per request")

@@ -3,8 +3,8 @@
 Design decisions:
 - One `Engine` per loaded model owns the caches: the KV cache, sized for the request (prompt +
   max_tokens, rounded up to a multiple of CACHE_BLOCK) and reused while later requests fit, and
-  the image embeddings by content hash (an LRU of IMAGE_CACHE_SIZE images), so that the next turn
-  of a chat about the same picture neither preprocesses nor encodes it again.
+  the image embeddings by content hash (an LRU of IMAGE_CACHE_SIZE images or videos), so that the
+  next turn of a chat about the same picture or video neither preprocesses nor encodes it again.
 - The engine knows nothing of families: it asks the family's processor for pixels of the images
   it lacks, the model to encode them, and feeds the model embeddings and the positions the
   processor computed (plain 0..T-1, or M-RoPE's (3, T)); a decode step's position is one scalar,
@@ -40,11 +40,14 @@ IMAGE_CACHE_SIZE = 16
 @dataclass
 class Stats:
     prompt_tokens: int = 0
-    image_tokens: int = 0
+    image_tokens: int = 0            # slots of images (videos' are in video_tokens)
     images: int = 0
+    videos: int = 0
+    video_frames: int = 0            # frames sampled from the videos
+    video_tokens: int = 0
     cached_tokens: int = 0           # prompt tokens whose KV came from the previous request
     generated_tokens: int = 0
-    preprocess_s: float = 0.0        # image decode + pixel preprocessing
+    preprocess_s: float = 0.0        # image / video decode + pixel preprocessing
     encode_s: float = 0.0            # vision tower + projector
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -122,8 +125,8 @@ class Engine:
                 new = self.model.encode(pixels)
             for c, e in zip(todo, new):
                 if e.shape[0] != c.n_tokens:
-                    raise PromptError(f"an image of {c.size[1]}x{c.size[0]} px was given {c.n_tokens} token slots "
-                                      f"but encodes to {e.shape[0]} rows")
+                    raise PromptError(f"{'a video' if c.kind == 'video' else 'an image'} of {c.size[1]}x{c.size[0]} "
+                                      f"px was given {c.n_tokens} token slots but encodes to {e.shape[0]} rows")
                 self.image_cache[c.key] = e
         embeds = torch.cat([self.image_cache[c.key] for c in chunks])[None]
         for c in chunks:
@@ -181,7 +184,7 @@ class Engine:
             raise ContextLengthError(n_prompt + 1, self.context_length)
         max_new = min(opts.max_tokens, self.context_length - n_prompt)
         stats.prompt_tokens = n_prompt
-        stats.image_tokens = sum(image_mask)
+        stats.image_tokens = sum(image_mask) - stats.video_tokens
         keys = _token_keys(input_ids, image_mask, image_keys)
 
         with self.lock:
@@ -192,7 +195,7 @@ class Engine:
             dev = self.model.input_device
             ids = torch.tensor([input_ids], device=dev)
             mask = torch.tensor([image_mask], device=dev)
-            embeds = self.model.embed(ids, mask if stats.image_tokens else None, image_embeds)
+            embeds = self.model.embed(ids, mask if any(image_mask) else None, image_embeds)
             self._cached_keys = []          # invalid until prefill completes
             t0 = time.perf_counter()
             pos = (torch.arange(reuse, n_prompt, device=dev) if positions is None

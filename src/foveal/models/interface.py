@@ -10,6 +10,8 @@ Design decisions (after llama.cpp's mtmd, vLLM's model interfaces and mlx-vlm's 
 - A prompt is prepared once into `Prepared`: token ids with image slots, the images in prompt
   order as `ImageChunk`s (content hash, token count), and the RoPE positions when they are not
   simply 0..T-1 (M-RoPE's (3, T)). Positions are tracked apart from token counts from day one.
+- A video is a `VideoChunk` among the images (a family without video refuses it while preparing):
+  keyed by its content hash and the frames sampled from it, decoded only on a cache miss.
 - Pixels are made only for the images the engine's embedding cache does not hold
   (`Processor.pixels`), and encoded by the model (`VisionLanguageModel.encode`); the language
   model only ever receives embeddings and positions.
@@ -20,6 +22,7 @@ Design decisions (after llama.cpp's mtmd, vLLM's model interfaces and mlx-vlm's 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from ..processing.images import LoadedImage
+from ..processing.video import LoadedVideo
 
 
 @dataclass
@@ -36,6 +40,8 @@ class ImageChunk:
     n_tokens: int                # slots it takes in the sequence
     options: Any = None          # the family's preprocessing settings for it (a request's pixel budget)
     variant: str = ""            # what besides the pixels its embedding depends on (that budget)
+    kind = "image"
+    frames = 0
 
     @property
     def key(self) -> str:
@@ -48,11 +54,37 @@ class ImageChunk:
 
 
 @dataclass
+class VideoChunk:
+    """One video of a prompt: probed (not decoded) and the frames the family sampled from it. The
+    engine treats it as an ImageChunk: a key, a token count, pixels from the processor."""
+    video: LoadedVideo           # .sha256 hashes the encoded file (or the frames)
+    n_tokens: int
+    indices: list[int]           # the sampled frames
+    options: Any = None          # the family's settings for it (pixel budget, time spacing)
+    variant: str = ""            # the budget; the sampled frames are part of the key already
+    kind = "video"
+
+    @property
+    def key(self) -> str:
+        sampled = hashlib.sha256(",".join(map(str, self.indices)).encode()).hexdigest()[:16]
+        return f"{self.video.sha256}:frames={sampled}{self.variant}"
+
+    @property
+    def frames(self) -> int:
+        return len(self.indices)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of a frame"""
+        return self.video.height, self.video.width
+
+
+@dataclass
 class Prepared:
     """Messages and images, ready for the engine."""
     input_ids: list[int]                     # image slots hold a placeholder id
     image_mask: list[bool]                   # True at image slots
-    images: list[ImageChunk] = field(default_factory=list)   # in prompt order
+    images: list[ImageChunk | VideoChunk] = field(default_factory=list)   # images and videos, in prompt order
     positions: torch.Tensor | None = None    # (T,) or (3, T); None: 0..T-1
     next_position: int | None = None         # RoPE position of the first generated token; None: T
     text: str = ""                           # the rendered prompt before expansion
@@ -79,7 +111,7 @@ class Processor(Protocol):
     # budget: (min, max) image tokens of the request (SamplingOptions.image_budget), or None
     def prepare(self, messages, limits, budget=None) -> Prepared: ...
     def count_tokens(self, messages, limits, budget=None) -> int: ...
-    def pixels(self, chunks: list[ImageChunk]) -> Any: ...       # what `encode` takes, for these images
+    def pixels(self, chunks: list[ImageChunk | VideoChunk]) -> Any: ...   # what `encode` takes, for these
     def image_tokens(self, size: tuple[int, int]) -> int: ...    # tokens one (height, width) image takes
 
 
@@ -91,7 +123,7 @@ class VisionLanguageModel(Protocol):
 
     @property
     def input_device(self) -> torch.device: ...
-    def encode(self, pixels) -> list[torch.Tensor]: ...          # one (n_tokens, D) per image
+    def encode(self, pixels) -> list[torch.Tensor]: ...          # one (n_tokens, D) per image / video
     def embed(self, input_ids, image_mask, image_embeds) -> torch.Tensor: ...
     def forward(self, embeds, positions, last_only: bool = False, start: int | None = None) -> torch.Tensor: ...
     def decode(self, token, position, kv_len: int) -> torch.Tensor: ...

@@ -34,7 +34,7 @@ import io
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +59,20 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
+class VideoLimits:
+    """Checked from the container's header (processing/video.py) before any frame is decoded."""
+    max_frames: int = 256                    # frames the model sees, after sampling
+    max_duration_s: float = 600.0            # the source's length
+    max_pixels_per_frame: int = 3840 * 2160
+    max_bytes: int = 256 * 1024 * 1024       # encoded size
+
+
+@dataclass
 class ImageLimits:
     max_pixels: int = 50_000_000  # width * height, from the header, before decoding
     max_bytes: int = 64 * 1024 * 1024  # encoded size
     min_side: int = 8
+    video: VideoLimits = field(default_factory=VideoLimits)   # a video's (its frames also keep min_side)
 
 
 @dataclass

@@ -26,6 +26,10 @@ Design decisions:
   same string HF's processor tokenizes. When the vocabulary has no image token (original
   LLaVA), text chunks are tokenized separately and image slots spliced between them, as
   LLaVA's `tokenizer_image_token` does. Either way the model gets a boolean image mask.
+- Videos (`{"type": "video", "video": ...}` parts, or a message's `videos`) are listed among the
+  images as `VideoPart`s only for a caller that takes them (`takes_video`); any other caller gets a
+  PromptError naming its model. A model with a video placeholder token (Qwen2-VL's
+  `<|video_pad|>`) has it expanded like the image one; `PromptInputs.media` gives the order.
 - Streaming detokenization keeps two offsets (prefix/read) so each step decodes a short window,
   and holds text back while it ends in an incomplete UTF-8 sequence.
 """
@@ -238,6 +242,7 @@ class PromptInputs:
     n_images: int
     text: str                     # the rendered prompt before expansion
     assistant_mask: list[bool] | None = None   # tokens inside {% generation %} (training)
+    media: list[str] = field(default_factory=list)   # "image" / "video" per placeholder, in prompt order
 
 
 @dataclass(frozen=True)
@@ -286,16 +291,28 @@ def content_forms(template: str) -> ContentForms:
     return _FORMS_CACHE[template]
 
 
-def normalize_messages(messages, template: str) -> tuple[list[dict], list]:
-    """Messages for the template and the images in prompt order. Content stays as the client gave it where the
-    template takes that form (what apply_chat_template would render); images go in as parts where the
-    template draws them, else as `<image>` placeholders in front of the text."""
+@dataclass
+class VideoPart:
+    """A video of a message, as `normalize_messages` lists it among the images (in prompt order)."""
+    video: object                      # a path, bytes, a data: URI or a list of frames
+    fps: float | None = None           # frames a second to sample (a file); a list of frames: its own rate
+    num_frames: int | None = None      # sample this many frames instead
+    max_frames: int | None = None      # sample at most this many
+
+
+def normalize_messages(messages, template: str, *, takes_video: bool = False,
+                       model: str = "this model") -> tuple[list[dict], list]:
+    """Messages for the template and the media in prompt order: image sources, and `VideoPart`s where the
+    caller takes video (`takes_video`; otherwise a video is a PromptError naming `model`). Content stays as the
+    client gave it where the template takes that form (what apply_chat_template would render); images go in
+    as parts where the template draws them, else as `<image>` placeholders in front of the text; videos as
+    `{"type": "video"}` parts. A message's `images` and `videos` (Ollama style) come before its content."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("messages must be a non-empty list of {'role', 'content'} objects")
     forms = content_forms(template)
-    out, images = [], []
+    out, media = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise PromptError(f"message {i} must be an object with 'role' and 'content'")
@@ -303,6 +320,10 @@ def normalize_messages(messages, template: str) -> tuple[list[dict], list]:
         if role not in ("system", "user", "assistant", "tool"):
             raise PromptError(f"message {i} has role {role!r}; expected system, user, assistant or tool")
         parts = [{"type": "image", "image": img} for img in m.get("images") or []]
+        videos = m.get("videos") or []
+        if not isinstance(videos, (list, tuple)):
+            raise PromptError(f"message {i} 'videos' must be a list of videos")
+        parts += [_normalize_part({"type": "video", "video": v}, i, j) for j, v in enumerate(videos)]
         if isinstance(content, str):
             parts.append({"type": "text", "text": content})
         elif isinstance(content, (list, tuple)):
@@ -312,23 +333,31 @@ def normalize_messages(messages, template: str) -> tuple[list[dict], list]:
             raise PromptError(f"message {i} content must be a string or a list of parts")
         for p in parts:
             if p["type"] == "image":
-                images.append(p.pop("image"))
+                media.append(p.pop("image"))
+            elif p["type"] == "video":
+                if not takes_video:
+                    raise PromptError(f"message {i} has a video, but {model} does not take video input "
+                                      f"(send frames as images, or use a Qwen2-VL model)")
+                media.append(p.pop("video"))
         has_images = any(p["type"] == "image" for p in parts)
+        has_videos = any(p["type"] == "video" for p in parts)
+        if has_videos and not (forms.images or not forms.strings):
+            raise PromptError(f"message {i} has a video, but the chat template draws no media parts")
         # transformers drops None-valued keys (many templates render a literal "None" otherwise)
-        message = {k: v for k, v in m.items() if k not in ("content", "images") and v is not None}
+        message = {k: v for k, v in m.items() if k not in ("content", "images", "videos") and v is not None}
         message["role"] = role
         message.update(_reasoning_aliases(message))
-        if content is None and not has_images:
+        if content is None and not has_images and not has_videos:
             pass        # no content key, as apply_chat_template leaves it
-        elif isinstance(content, str) and not has_images and forms.strings:
+        elif isinstance(content, str) and not has_images and not has_videos and forms.strings:
             message["content"] = content
-        elif (forms.images if has_images else forms.text_parts) or not forms.strings:
+        elif (forms.images if has_images or has_videos else forms.text_parts) or not forms.strings:
             message["content"] = parts
         else:   # a template for strings: images become placeholders in front of the text
             message["content"] = "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p["text"]
                                          for p in parts)
         out.append(message)
-    return out, images
+    return out, media
 
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -359,34 +388,62 @@ def _normalize_part(part, i: int, j: int) -> dict:
         if src is None:
             raise PromptError(f"message {i} part {j} is an image part without an image")
         return {"type": "image", "image": src}
-    raise PromptError(f"message {i} part {j} has type {kind!r}; expected text or image")
+    if kind in ("video", "video_url"):
+        src = part.get("video", part.get("video_url", part.get("url", part.get("path"))))
+        if isinstance(src, dict):
+            src = src.get("url")
+        if src is None:
+            raise PromptError(f"message {i} part {j} is a video part without a video")
+        options = {}
+        for key in ("fps", "num_frames", "max_frames"):
+            value = part.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
+                    (key != "fps" and not isinstance(value, int)):
+                raise PromptError(f"message {i} part {j}: video {key} must be a positive "
+                                  f"{'number' if key == 'fps' else 'integer'}, got {value!r}")
+            options[key] = value
+        if "fps" in options and "num_frames" in options:
+            raise PromptError(f"message {i} part {j}: sample a video by fps or by num_frames, not both")
+        return {"type": "video", "video": VideoPart(src, **options)}
+    raise PromptError(f"message {i} part {j} has type {kind!r}; expected text, image or video")
 
 
 class PromptBuilder:
-    """Turns messages into token ids with image slots, for one model."""
+    """Turns messages into token ids with image (and video) slots, for one model."""
 
     def __init__(self, tokenizer: Tokenizer, template: str | None, image_token_id: int | None,
-                 tokens_per_image: int, image_token: str = IMAGE_PLACEHOLDER):
+                 tokens_per_image: int, image_token: str = IMAGE_PLACEHOLDER, video_token: str | None = None,
+                 video_token_id: int | None = None):
         self.tokenizer = tokenizer
         self.template = template or LLAVA_15_TEMPLATE
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.image_token = image_token
+        self.video_token, self.video_token_id = video_token, video_token_id
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> RenderedChat:
         return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt,
                            **self.tokenizer.special)
 
     def build(self, messages, n_images: int, add_generation_prompt: bool = True,
-              track_assistant: bool = False, image_tokens: list[int] | None = None) -> PromptInputs:
+              track_assistant: bool = False, image_tokens: list[int] | None = None,
+              video_tokens: list[int] | None = None) -> PromptInputs:
         """image_tokens: the token count of each image, in prompt order, where it depends on the image
-        (LLaVA-NeXT); by default every image takes tokens_per_image."""
+        (LLaVA-NeXT); by default every image takes tokens_per_image. video_tokens: each video's count (a
+        model with a video placeholder token); `PromptInputs.media` then says which slots are which."""
         rendered = self.render(messages, add_generation_prompt)
         text = rendered.text
         n_placeholders = text.count(self.image_token)
         if n_placeholders != n_images:
             raise PromptError(f"the prompt has {n_placeholders} image placeholder(s) ({self.image_token}) "
                               f"but {n_images} image(s) were given")
+        videos = list(video_tokens or [])
+        n_video_placeholders = text.count(self.video_token) if self.video_token else 0
+        if n_video_placeholders != len(videos):
+            raise PromptError(f"the prompt has {n_video_placeholders} video placeholder(s) ({self.video_token}) "
+                              f"but {len(videos)} video(s) were given")
         if n_images and self.tokens_per_image == 0:
             raise PromptError("this model has no vision tower: it cannot take images")
         counts = [self.tokens_per_image] * n_images if image_tokens is None else list(image_tokens)
@@ -395,20 +452,26 @@ class PromptBuilder:
         add_special = not (self.tokenizer.special.get("bos_token")
                            and text.startswith(self.tokenizer.special["bos_token"]))
         if self.image_token_id is not None:
-            parts = text.split(self.image_token)
-            expanded = parts[0] + "".join(self.image_token * n + part for n, part in zip(counts, parts[1:]))
-            enc = self.tokenizer.tok.encode(expanded, add_special_tokens=add_special)
+            slots = _placeholders(text, self.image_token, self.video_token, iter(counts), iter(videos))
+            expanded, at = [], 0
+            for start, token, n in slots:
+                expanded += [text[at:start], token * n]
+                at = start + len(token)
+            enc = self.tokenizer.tok.encode("".join(expanded) + text[at:], add_special_tokens=add_special)
             ids = enc.ids
-            mask = [t == self.image_token_id for t in ids]
-            if sum(mask) != sum(counts):
-                raise PromptError(f"expected {sum(counts)} image tokens after expansion, "
-                                  f"found {sum(mask)}: the text itself contains the image token")
-            assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, text, self.image_token,
-                                                              counts)) if track_assistant else None
+            slot_ids = {self.image_token_id} | ({self.video_token_id} if videos else set())
+            mask = [t in slot_ids for t in ids]
+            if sum(mask) != sum(counts) + sum(videos):
+                raise PromptError(f"expected {sum(counts) + sum(videos)} image/video tokens after expansion, "
+                                  f"found {sum(mask)}: the text itself contains the image or video token")
+            assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, slots)) \
+                if track_assistant else None
+            media = ["image" if token == self.image_token else "video" for _, token, _ in slots]
         else:
             ids, mask, assistant = self._splice(text, add_special, rendered.generation_spans, track_assistant,
                                                 counts)
-        return PromptInputs(ids, mask, n_images, text, assistant)
+            media = ["image"] * n_images
+        return PromptInputs(ids, mask, n_images, text, assistant, media)
 
     def _splice(self, text, add_special, spans, track, counts):
         ids, mask, assistant, offset = [], [], [], 0
@@ -428,19 +491,25 @@ class PromptBuilder:
         return ids, mask, (assistant if track else None)
 
 
-def _shift_spans(spans, text, image_token, counts):
-    """Generation spans in the unexpanded text -> spans in the expanded text (image k grows by counts[k] - 1
-    copies of the token)."""
-    starts, at = [], text.find(image_token)
-    while at != -1:
-        starts.append(at)
-        at = text.find(image_token, at + len(image_token))
-    out = []
-    for a, b in spans:
-        grow = lambda pos: sum(len(image_token) * (n - 1) for s, n in zip(starts, counts)
-                                   if s + len(image_token) <= pos)  # noqa: E731
-        out.append((a + grow(a), b + grow(b)))
-    return out
+def _placeholders(text, image_token, video_token, image_counts, video_counts) -> list[tuple[int, str, int]]:
+    """(position, placeholder, token count) of every image / video placeholder, in text order."""
+    found = []
+    for token, counts in ((image_token, image_counts), (video_token, video_counts)):
+        if not token:
+            continue
+        at = text.find(token)
+        while at != -1:
+            found.append((at, token, next(counts)))
+            at = text.find(token, at + len(token))
+    return sorted(found)
+
+
+def _shift_spans(spans, slots):
+    """Generation spans in the unexpanded text -> spans in the expanded text (a placeholder grows by n - 1
+    copies of itself)."""
+    def grow(pos):
+        return sum(len(token) * (n - 1) for start, token, n in slots if start + len(token) <= pos)
+    return [(a + grow(a), b + grow(b)) for a, b in spans]
 
 
 def _span_mask(offsets, spans) -> list[bool]:

@@ -33,6 +33,8 @@ class ServerConfig:
     max_header_bytes: int = 16 * 1024          # request line + headers; over it: 431
     max_queue: int = 16                        # admitted requests (running + waiting) per model
     max_images: int = 8                        # images in one request
+    max_videos: int = 2                        # videos in one request (OpenAI video_url parts)
+    max_video_bytes: int = 256 * 1024 * 1024   # one video (a file:// or fetched one; data: URIs fit the body)
     max_messages: int = 1024
     image_url_domains: list[str] = field(default_factory=list)   # http(s) image hosts allowed
     image_fetch_timeout_s: float = 10.0

@@ -1,4 +1,4 @@
-"""OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions (text + image_url parts).
+"""OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions (text, image_url and video_url parts).
 
 Follows the OpenAI chat completions reference and what the official `openai` client parses:
 SSE streaming (`data: {...}` events ending in `data: [DONE]`), `usage` and
@@ -26,7 +26,7 @@ from .. import __version__
 from ..engine.thinking import with_thought
 from .common import rest_of, start_generation, state_of, validate_options
 from .errors import APIError, as_api_error, error_line
-from .images import resolve_image_url
+from .images import resolve_image_url, resolve_video_url
 from .models import WatchedStreamingResponse
 
 router = APIRouter()
@@ -126,7 +126,7 @@ async def convert_messages(raw: list, state) -> list[dict]:
         raise _bad("messages must be a non-empty list", "messages")
     if len(raw) > state.config.max_messages:
         raise _bad(f"too many messages: at most {state.config.max_messages}", "messages")
-    out, n_images = [], 0
+    out, n_images, n_videos = [], 0, 0
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -168,8 +168,17 @@ async def convert_messages(raw: list, state) -> list[dict]:
                     raise _bad(f"{pw}.image_url.detail must be auto, low or high", "messages")
                 image = await resolve_image_url(url, f"{pw}.image_url", state.config)
                 parts.append({"type": "image", "image": image})
+            elif kind == "video_url":       # vLLM's form: {"type": "video_url", "video_url": {"url": ...}}
+                n_videos += 1
+                if n_videos > state.config.max_videos:
+                    raise APIError(400, f"too many videos: at most {state.config.max_videos} per request",
+                                   "image_error", param="messages")
+                spec = part.get("video_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                video = await resolve_video_url(url, f"{pw}.video_url", state.config)
+                parts.append({"type": "video", "video": video})
             else:
-                raise _bad(f"{pw}.type must be 'text' or 'image_url', got {_short(kind)}", "messages")
+                raise _bad(f"{pw}.type must be 'text', 'image_url' or 'video_url', got {_short(kind)}", "messages")
         if thought:
             parts.insert(0, {"type": "text", "text": with_thought("", thought)})
         out.append({"role": ROLES[role], "content": parts})
@@ -191,7 +200,8 @@ def timings(stats) -> dict:
     return {"prompt_n": stats.prompt_tokens - stats.cached_tokens, "prompt_ms": stats.prefill_s * 1e3,
             "prompt_per_second": stats.prefill_tokens_per_s, "predicted_n": stats.generated_tokens,
             "predicted_ms": stats.decode_s * 1e3, "predicted_per_second": stats.decode_tokens_per_s,
-            "cache_n": stats.cached_tokens, "images": stats.images, "image_decode_ms": stats.preprocess_s * 1e3,
+            "cache_n": stats.cached_tokens, "images": stats.images, "videos": stats.videos,
+            "video_frames": stats.video_frames, "image_decode_ms": stats.preprocess_s * 1e3,
             "vision_encode_ms": stats.encode_s * 1e3}
 
 

@@ -161,7 +161,10 @@ def tokenize(record: Record, prompt, eos_id: int | None, max_length: int | None 
              image_sizes: list[tuple[int, int]] | None = None, image_tokens: list[int] | None = None) -> TrainExample:
     """One record -> ids, labels (assistant tokens + their EOS), image mask. image_tokens: each image's
     token count where it depends on the image (anyres), measured at image_sizes."""
-    template_messages, sources = normalize_messages(record.messages, prompt.template)
+    try:
+        template_messages, sources = normalize_messages(record.messages, prompt.template, model="training")
+    except PromptError as e:
+        raise DatasetError(f"record {record.id!r}: {e}") from None
     if not re.search(r"{%-?\s*generation\s*-?%}", prompt.template):
         import copy
         view = copy.copy(prompt)

@@ -153,8 +153,13 @@ class LlavaProcessor:
     def image_tokens(self, size: tuple[int, int]) -> int:
         return self.cfg.image_tokens(size)
 
+    @property
+    def model_name(self) -> str:
+        """For messages: what kind of model refuses a request."""
+        return "a text-only model" if self.cfg.vision is None else "a LLaVA model"
+
     def prepare(self, messages, limits, budget=None) -> Prepared:
-        template_messages, sources = normalize_messages(messages, self.prompt.template)
+        template_messages, sources = normalize_messages(messages, self.prompt.template, model=self.model_name)
         inputs = self.prompt.build(template_messages, n_images=len(sources))   # prompt errors before decoding
         loaded = [load_image(src, limits) for src in sources]
         counts = [self.image_tokens((im.height, im.width)) for im in loaded]
@@ -165,7 +170,7 @@ class LlavaProcessor:
                         text=inputs.text)
 
     def count_tokens(self, messages, limits, budget=None) -> int:
-        template_messages, sources = normalize_messages(messages, self.prompt.template)
+        template_messages, sources = normalize_messages(messages, self.prompt.template, model=self.model_name)
         counts = None
         if self.cfg.anyres or budget:      # the count depends on each image's size
             loaded = [load_image(src, limits) for src in sources]

@@ -15,6 +15,13 @@ Design decisions:
 - An image is `<|vision_start|><|image_pad|>...<|vision_end|>`: the chat template writes one
   `<|image_pad|>` and the prompt builder expands it to the image's token count, known from
   its size before any pixel is read.
+- A video is `<|vision_start|><|video_pad|>...<|vision_end|>`, its count known from the container's
+  header (frame count, rate, size) and the frames sampled from it (HF's `sample_frames`: 2 fps by
+  default for a file, every frame of a list of frames); its frames are decoded only when the engine
+  lacks its embedding, and go through the same tower as images (grid t > 1). Its settings are the
+  video processor's, found where transformers looks: processor_config.json's `video_processor`,
+  video_preprocessor_config.json, else preprocessor_config.json. Qwen2.5-VL spaces its time
+  positions by `second_per_grid` (temporal_patch_size / the sampled frame rate).
 - The first generated token's position is max(prompt positions) + 1 (HF's rope delta folded in);
   a decode step's position is one scalar for the three rows.
 """
@@ -26,15 +33,17 @@ from dataclasses import dataclass
 import torch
 
 from .... import config as C
-from ....errors import ConfigError, PromptError
+from ....errors import ConfigError, ImageError, PromptError
 from ....processing.images import load_image
-from ....processing.prompt import PromptBuilder, normalize_messages
+from ....processing.prompt import PromptBuilder, VideoPart, normalize_messages
+from ....processing.video import load_video
 from ...cpu import matmuls
-from ...interface import Checkpoint, ImageChunk, Prepared
+from ...interface import Checkpoint, ImageChunk, Prepared, VideoChunk
 from ...vlm import DecoderVLM
 from .config import QwenVisionConfig, mrope_section
 from .positions import rope_index
-from .image_processing import IMAGE_DEFAULTS, QwenProcessorConfig, image_grid, image_token_count, process_image
+from .image_processing import (IMAGE_DEFAULTS, QwenProcessorConfig, image_grid, image_token_count, process_image,
+                               process_video, resized_size, sample_frame_indices)
 from .vision import QwenVisionTower
 
 NAME = "qwen2_vl"
@@ -48,6 +57,10 @@ TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=8192, intermediate_size=2956
 TOKEN_DEFAULTS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                       vision_end_token_id=151653)
 IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+VIDEO_SAMPLING = dict(fps=2.0, min_frames=4, max_frames=768)   # Qwen2VLVideoProcessor's class defaults
+# Qwen3-VL writes a timestamp before each frame and has its own video processor: not read as video here
+VIDEO_KINDS = ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -146,8 +159,29 @@ def processor(cfg: QwenVLConfig, ck: Checkpoint, image_mode: str | None = None) 
                           f"frame(s), but the vision tower (config.json) takes {cfg.vision.patch_size}-px patches "
                           f"merged {cfg.vision.spatial_merge_size}x{cfg.vision.spatial_merge_size} over "
                           f"{cfg.vision.temporal_patch_size}")
-    prompt = PromptBuilder(tokenizer, ck.template, cfg.image_token_id, 1, IMAGE_TOKEN)
-    return QwenVLProcessor(cfg, prompt, image_config)
+    video = tokenizer.token_id(VIDEO_TOKEN) == cfg.video_token_id and cfg.kind in VIDEO_KINDS
+    prompt = PromptBuilder(tokenizer, ck.template, cfg.image_token_id, 1, IMAGE_TOKEN,
+                           VIDEO_TOKEN if video else None, cfg.video_token_id if video else None)
+    video_raw = _video_processor_of(ck)
+    video_config = QwenProcessorConfig.from_hf(video_raw, video=True)
+    sampling = {k: video_raw.get(k) if video_raw.get(k) is not None else v for k, v in VIDEO_SAMPLING.items()}
+    return QwenVLProcessor(cfg, prompt, image_config, video_config if video else None, sampling)
+
+
+def _video_processor_of(ck: Checkpoint) -> dict:
+    """The video processor's settings where transformers' video processor looks for them, in its order."""
+    import json
+    folder = ck.path if ck.path.is_dir() else None
+    for name, key in (("processor_config.json", "video_processor"), ("video_preprocessor_config.json", None)):
+        if folder is not None and (folder / name).exists():
+            try:
+                d = json.loads((folder / name).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{folder / name} is not valid JSON: {e}") from None
+            d = d.get(key) if key else d
+            if isinstance(d, dict):
+                return d
+    return dict(ck.image_processor or {})
 
 
 def describe(cfg: QwenVLConfig, processor: "QwenVLProcessor | None" = None) -> dict:
@@ -236,11 +270,22 @@ class QwenVLModel(DecoderVLM):
         return list(out.split([int(t * h * w) // merge for t, h, w in grid.tolist()]))
 
 
-class QwenVLProcessor:
-    """Messages -> token ids with each image's `<|image_pad|>` run, and M-RoPE positions (3, T)."""
+@dataclass(frozen=True)
+class VideoOptions:
+    """How one video of a request is made into pixels (VideoChunk.options)."""
+    config: QwenProcessorConfig
+    second_per_grid: float                  # Qwen2.5-VL time spacing
+    limits: object                          # processing.images.VideoLimits, checked again while decoding
 
-    def __init__(self, cfg: QwenVLConfig, prompt: PromptBuilder, image_config: QwenProcessorConfig):
+
+class QwenVLProcessor:
+    """Messages -> token ids with each image's `<|image_pad|>` run and each video's `<|video_pad|>` run, and
+    M-RoPE positions (3, T)."""
+
+    def __init__(self, cfg: QwenVLConfig, prompt: PromptBuilder, image_config: QwenProcessorConfig,
+                 video_config: QwenProcessorConfig | None = None, video_sampling: dict | None = None):
         self.cfg, self.prompt, self.image_config = cfg, prompt, image_config
+        self.video_config, self.video_sampling = video_config, dict(video_sampling or VIDEO_SAMPLING)
 
     def image_tokens(self, size: tuple[int, int]) -> int:
         return image_token_count(size[0], size[1], self.image_config)
@@ -259,28 +304,83 @@ class QwenVLProcessor:
                               f"{self.image_config.max_pixels // per_token} tokens unless both ends are given")
         return self.image_config.budget(lo_px, hi_px), f":{lo_px}-{hi_px}"
 
+    def _video(self, part: VideoPart, limits) -> VideoChunk:
+        """Probe a video and sample its frames (Qwen2VLVideoProcessor.sample_frames): a file at `fps` (2 by
+        default), a list of frames whole; num_frames instead of either."""
+        vcfg, tp = self.video_config, self.video_config.temporal_patch_size
+        is_list = isinstance(part.video, (list, tuple))
+        video = load_video(part.video, limits, fps=part.fps if is_list else None)
+        cap = min(part.max_frames or self.video_sampling["max_frames"], limits.video.max_frames)
+        fps = None if is_list or part.num_frames else (part.fps or self.video_sampling["fps"])
+        if part.num_frames or fps:
+            indices = sample_frame_indices(video.n_frames, tp, video.fps, fps=fps, num_frames=part.num_frames,
+                                           min_frames=self.video_sampling["min_frames"], max_frames=cap)
+        else:
+            indices = list(range(video.n_frames))
+        if len(indices) > limits.video.max_frames or (part.max_frames and len(indices) > part.max_frames):
+            most = min(limits.video.max_frames, part.max_frames or limits.video.max_frames)
+            raise ImageError(f"{video.origin}: {len(indices)} frames sampled, over the limit of {most}; "
+                             f"ask for fewer (num_frames, fps) or send a shorter video")
+        height, width = resized_size(video.height, video.width, vcfg)
+        n_tokens = -(-len(indices) // tp) * (height // vcfg.patch_size) * (width // vcfg.patch_size) \
+            // vcfg.merge_size ** 2
+        # Qwen2_5_VLProcessor: temporal_patch_size / the sampled frame rate (24 fps assumed when none is known)
+        sampled_fps = len(indices) / video.n_frames * video.fps if video.fps else 24
+        return VideoChunk(video, n_tokens, indices, VideoOptions(vcfg, tp / sampled_fps, limits.video))
+
+    def _without_video(self) -> str:
+        if self.cfg.kind not in VIDEO_KINDS:
+            return f"a {self.cfg.kind} model (foveal reads video for Qwen2-VL and Qwen2.5-VL only)"
+        return f"this Qwen2-VL checkpoint (its tokenizer has no {VIDEO_TOKEN} token {self.cfg.video_token_id})"
+
     def _build(self, messages, limits, budget=None):
         ipc, variant = self.budgeted(budget)
-        template_messages, sources = normalize_messages(messages, self.prompt.template)
-        self.prompt.build(template_messages, n_images=len(sources), image_tokens=[1] * len(sources))
-        loaded = [load_image(src, limits) for src in sources]
+        template_messages, sources = normalize_messages(messages, self.prompt.template,
+                                                        takes_video=self.video_config is not None,
+                                                        model=self._without_video())
+        images = [s for s in sources if not isinstance(s, VideoPart)]
+        videos = [s for s in sources if isinstance(s, VideoPart)]
+        self.prompt.build(template_messages, n_images=len(images), image_tokens=[1] * len(images),
+                          video_tokens=[1] * len(videos))      # placeholder errors before anything is read
+        loaded = [load_image(src, limits) for src in images]
         counts = [image_token_count(im.height, im.width, ipc) for im in loaded]
-        inputs = self.prompt.build(template_messages, n_images=len(loaded), image_tokens=counts)
-        return inputs, loaded, counts, ipc, variant
+        clips = [self._video(v, limits) for v in videos]
+        inputs = self.prompt.build(template_messages, n_images=len(loaded), image_tokens=counts,
+                                   video_tokens=[c.n_tokens for c in clips])
+        image_chunks = iter([ImageChunk(im, n, ipc, variant) for im, n in zip(loaded, counts)])
+        clips_left = iter(clips)
+        chunks = [next(image_chunks) if kind == "image" else next(clips_left) for kind in inputs.media]
+        return inputs, chunks, ipc
 
     def prepare(self, messages, limits, budget=None) -> Prepared:
-        inputs, loaded, counts, ipc, variant = self._build(messages, limits, budget)
-        grids = [image_grid(im.height, im.width, ipc) for im in loaded]
-        positions, delta = rope_index(inputs.input_ids, grids or None, None,
+        inputs, chunks, ipc = self._build(messages, limits, budget)
+        grids = [image_grid(c.image.height, c.image.width, ipc) for c in chunks if c.kind == "image"]
+        clips = [c for c in chunks if c.kind == "video"]
+        video_grids = [self._video_grid(c) for c in clips]
+        positions, delta = rope_index(inputs.input_ids, grids or None, video_grids or None,
                                       spatial_merge_size=self.cfg.vision.spatial_merge_size,
                                       image_token_id=self.cfg.image_token_id,
-                                      video_token_id=self.cfg.video_token_id, kind=self.cfg.kind)
-        chunks = [ImageChunk(im, n, ipc, variant) for im, n in zip(loaded, counts)]
-        return Prepared(inputs.input_ids, inputs.image_mask, chunks, positions=positions, next_position=len(inputs.input_ids) + int(delta), text=inputs.text)
+                                      video_token_id=self.cfg.video_token_id, kind=self.cfg.kind,
+                                      second_per_grid_ts=[c.options.second_per_grid for c in clips] or None,
+                                      tokens_per_second=self.cfg.vision.tokens_per_second)
+        return Prepared(inputs.input_ids, inputs.image_mask, chunks, positions=positions,
+                        next_position=len(inputs.input_ids) + int(delta), text=inputs.text)
+
+    @staticmethod
+    def _video_grid(chunk: VideoChunk) -> tuple[int, int, int]:
+        vcfg = chunk.options.config
+        height, width = resized_size(chunk.video.height, chunk.video.width, vcfg)
+        return -(-chunk.frames // vcfg.temporal_patch_size), height // vcfg.patch_size, width // vcfg.patch_size
 
     def count_tokens(self, messages, limits, budget=None) -> int:
         return len(self._build(messages, limits, budget)[0].input_ids)
 
-    def pixels(self, chunks: list[ImageChunk]):
-        parts = [process_image(c.image.image, c.options or self.image_config) for c in chunks]
+    def pixels(self, chunks: list):
+        parts = []
+        for c in chunks:
+            if c.kind == "video":
+                done = process_video(c.video.decode(c.indices, c.options.limits), c.options.config)
+                parts.append((done.pixel_values, done.grid_thw))
+            else:
+                parts.append(process_image(c.image.image, c.options or self.image_config))
         return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
