@@ -206,3 +206,12 @@ def test_cli_instruct_lora_trains_adapters_and_the_merger(setup, tmp_path):
     _, base = foveal.load(folder, dtype="float32").prompt_logits(_ask(data))
     assert (got - merged).abs().max().item() < 1e-4
     assert (got - base).abs().max().item() > 1e-3
+    peft = pytest.importorskip("peft")
+    hf = peft.PeftModel.from_pretrained(hf_qwen2_vl(folder), out).eval()
+    processor = hf_qwen2_vl_processor(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(data.parent / "1.png").convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        ref = hf(**inputs).logits[0]
+    assert (got - ref).abs().max().item() <= 1e-4           # PEFT reads the adapter and the merger as we do
