@@ -206,6 +206,9 @@ def test_cli_instruct_lora_trains_adapters_and_the_merger(setup, tmp_path):
     _, base = foveal.load(folder, dtype="float32").prompt_logits(_ask(data))
     assert (got - merged).abs().max().item() < 1e-4
     assert (got - base).abs().max().item() > 1e-3
+    assert cli_main(["train", "merge", str(folder), str(out), str(tmp_path / "merged")]) == 0
+    _, merged_later = foveal.load(tmp_path / "merged", dtype="float32").prompt_logits(_ask(data))
+    assert (merged_later - merged).abs().max().item() < 1e-5
     peft = pytest.importorskip("peft")
     hf = peft.PeftModel.from_pretrained(hf_qwen2_vl(folder), out).eval()
     processor = hf_qwen2_vl_processor(folder)

@@ -276,14 +276,11 @@ def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
 def merge_adapter(base, adapter: Path, out: Path, dtype: str | None = None) -> Path:
     """Load base (a model reference), apply the adapter, fold it in, write an HF checkpoint."""
     from ..api import load
-    from ..weights.save import save_checkpoint
-    from .trainer import image_processor_dict
+    from .trainer import save_model
     vlm = load(base, dtype="float32")
     load_adapter(vlm.model, Path(adapter))
     merge_lora(vlm.model)
     save_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
     if dtype not in save_dtype:
         raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
-    return save_checkpoint(vlm.model, vlm.config, Path(out), tokenizer_json=vlm.tokenizer.tok.to_str(),
-                           tokenizer_config=dict(vlm.tokenizer.config), chat_template=vlm.prompt.template,
-                           image_processor=image_processor_dict(vlm), dtype=save_dtype[dtype])
+    return save_model(vlm, Path(out), save_dtype[dtype])

@@ -441,10 +441,7 @@ class Trainer:
             print(text, file=sys.stderr, flush=True)
 
     def _write_outputs(self, result: TrainResult) -> None:
-        from ..weights.save import save_checkpoint
         cfg, vlm = self.cfg, self.vlm
-        if not isinstance(self.model, VisionLanguageModel):
-            save_checkpoint = self._save_family_checkpoint
         self.out.mkdir(parents=True, exist_ok=True)
         steps = [h["step"] for h in self.history]
         losses = [h["loss"] for h in self.history]
@@ -455,10 +452,6 @@ class Trainer:
             plot_losses(steps, losses, self.out / "loss.png", f"foveal train {cfg.stage}")
         save_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                       None: None}[cfg.save_dtype]
-        files = dict(tokenizer_json=vlm.tokenizer.tok.to_str(), tokenizer_config=dict(vlm.tokenizer.config),
-                     chat_template=vlm.prompt.template,
-                     image_processor=image_processor_dict(vlm) if isinstance(self.model, VisionLanguageModel)
-                     else None)
         self.model.eval()
         if cfg.lora:
             result.adapter_dir = save_adapter(self.model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
@@ -466,40 +459,9 @@ class Trainer:
                                               save_projector="projector" in self.groups)
             if cfg.merge:
                 merge_lora(self.model)
-                result.model_dir = save_checkpoint(self.model, vlm.config, self.out / "merged", dtype=save_dtype,
-                                                   **files)
+                result.model_dir = save_model(vlm, self.out / "merged", save_dtype)
         else:
-            result.model_dir = save_checkpoint(self.model, vlm.config, self.out, dtype=save_dtype, **files)
-
-    def _save_family_checkpoint(self, model, cfg, folder: Path, *, tokenizer_json: str, tokenizer_config: dict,
-                                chat_template: str | None = None, image_processor=None, dtype=None) -> Path:
-        """A non-LLaVA family's checkpoint, as `foveal quantize` writes one: tensors under the family's
-        names (`hf_name`), its config.json (`config_to_hf`), the tokenizer and template, and the source's
-        other files (preprocessor_config.json, generation_config.json, ...)."""
-        from safetensors.torch import save_file
-
-        from ..quant.quantize import COPIED_SUFFIXES, NOT_COPIED
-        from ..weights.save import hf_state_dict
-        family, folder = self.vlm.family, Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        sd = hf_state_dict(model, cfg, family.hf_name)
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
-        hf = family.config_to_hf(cfg, getattr(self.vlm, "raw_config", None) or {})
-        hf["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-        written = {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
-        (folder / "config.json").write_text(json.dumps(hf, indent=2))
-        (folder / "tokenizer.json").write_text(tokenizer_json)
-        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        if chat_template:
-            (folder / "chat_template.jinja").write_text(chat_template)
-        source = Path(self.vlm.path)
-        for f in sorted(source.iterdir()) if source.is_dir() else ():
-            if (f.is_file() and f.suffix in COPIED_SUFFIXES and f.name not in NOT_COPIED | written
-                    and f.resolve() != (folder / f.name).resolve()):
-                shutil.copyfile(f, folder / f.name)
-        return folder
+            result.model_dir = save_model(vlm, self.out, save_dtype)
 
     def train(self) -> TrainResult:
         cfg, d = self.cfg, self.dist
@@ -572,6 +534,40 @@ class Trainer:
 def train(cfg: TrainConfig, vlm=None) -> TrainResult:
     """Run one training stage; see TrainConfig. Under torchrun, every process calls this."""
     return Trainer(cfg, vlm).train()
+
+
+def save_model(vlm, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a (trained) model as an HF checkpoint folder that foveal and transformers load. LLaVA (and
+    text LMs): weights/save.py's full config and llava-hf names. Any other family as `foveal quantize`
+    writes it: tensors under the family's names (`hf_name`), its config.json (`config_to_hf` of the one it
+    was read from), the tokenizer and template, and the source's other files (preprocessor_config.json ...)."""
+    from safetensors.torch import save_file
+
+    from ..quant.quantize import COPIED_SUFFIXES, NOT_COPIED
+    from ..weights.save import hf_state_dict, save_checkpoint
+    model, cfg, folder = vlm.model, vlm.config, Path(folder)
+    files = dict(tokenizer_json=vlm.tokenizer.tok.to_str(), tokenizer_config=dict(vlm.tokenizer.config),
+                 chat_template=vlm.prompt.template)
+    if isinstance(model, VisionLanguageModel):
+        return save_checkpoint(model, cfg, folder, dtype=dtype, image_processor=image_processor_dict(vlm), **files)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = hf_state_dict(model, cfg, vlm.family.hf_name)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    hf = vlm.family.config_to_hf(cfg, getattr(vlm, "raw_config", None) or {})
+    hf["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    (folder / "tokenizer.json").write_text(files["tokenizer_json"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(files["tokenizer_config"], indent=2))
+    (folder / "chat_template.jinja").write_text(files["chat_template"])
+    written = {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    source = Path(vlm.path)
+    for f in sorted(source.iterdir()) if source.is_dir() else ():
+        if (f.is_file() and f.suffix in COPIED_SUFFIXES and f.name not in NOT_COPIED | written
+                and f.resolve() != (folder / f.name).resolve()):
+            shutil.copyfile(f, folder / f.name)
+    return folder
 
 
 def image_processor_dict(vlm) -> dict | None:
