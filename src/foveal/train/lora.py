@@ -14,7 +14,9 @@ Design decisions:
 - Tensor names follow what peft writes for transformers' current `LlavaForConditionalGeneration`
   (`base_model.model.model.language_model.layers.N.self_attn.q_proj.lora_A.weight`); the older
   layout (`base_model.model.language_model.model.layers...`) and text-only models
-  (`base_model.model.model.layers...`) are read too.
+  (`base_model.model.model.layers...`) are read too. Qwen2-VL's are the same
+  (`Qwen2VLForConditionalGeneration` nests its LM the same way); its trained projector, the
+  merger, is `modules_to_save: ["merger"]` under `base_model.model.model.visual.merger.*`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The LLaVA training stages: `align` (stage 1) and `instruct` (stage 2), one loop for both.
+"""The LLaVA training stages: `align` (stage 1) and `instruct` (stage 2), one loop for both, for
+LLaVA models and any family whose model says it is `trainable` (Qwen2-VL).
 
 Mirrors LLaVA's scripts/v1_5/pretrain.sh and finetune(_lora).sh: stage 1 trains only the
 projector on image-caption pairs; stage 2 trains projector + language model (or projector +
@@ -21,6 +22,9 @@ Design decisions:
 - Logits are computed only at label positions (hidden states are gathered first), so the
   vocabulary projection costs little on long image prompts.
 - Only rank 0 writes files and prints.
+- Another family than LLaVA: parts come from the model's `parts` (Qwen2-VL's merger is the
+  projector), images from the family's processor and `model.encode`, per-example positions from
+  the batch (M-RoPE), and the written checkpoint from the family's `hf_name` / `config_to_hf`.
 """
 
 from __future__ import annotations
