@@ -113,6 +113,9 @@ class Processor(Protocol):
     def count_tokens(self, messages, limits, budget=None) -> int: ...
     def pixels(self, chunks: list[ImageChunk | VideoChunk]) -> Any: ...   # what `encode` takes, for these
     def image_tokens(self, size: tuple[int, int]) -> int: ...    # tokens one (height, width) image takes
+    # optional, for training: RoPE positions ((3, T) M-RoPE) of built ids whose images have these sizes;
+    # absent where positions are 0..T-1
+    # def positions(self, input_ids, image_mask, sizes) -> torch.Tensor: ...
 
 
 class VisionLanguageModel(Protocol):
@@ -120,6 +123,8 @@ class VisionLanguageModel(Protocol):
     cfg: Any
     language_model: torch.nn.Module
     parts: dict[str, str]                    # top-level module name -> "vision" | "projector" | "language_model"
+                                             # (a dotted key: a submodule in another part, for training)
+    trainable: bool                          # `foveal train` may run its training forward (train/trainer.py)
 
     @property
     def input_device(self) -> torch.device: ...

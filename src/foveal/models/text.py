@@ -10,6 +10,7 @@ Design decisions (after gpt-fast):
   apart from cache slots: (T,) absolute positions, or (3, T) temporal/height/width positions for
   multimodal RoPE (Qwen2-VL's M-RoPE, `cfg.mrope_section`), which a family computes; the new
   tokens go into cache slots [start, start + T) (by default start = positions[0], the 1-D case).
+  Training (no cache) may give every row of a padded batch its own positions, (B, T) or (3, B, T).
   Attention reads only the cache slots written so far (a view, no copy): a decode step needs no
   mask, a fresh prefill uses SDPA's causal path, and only a prefill after a reused prefix builds a
   (T, kv_len) mask. This trades shape stability
@@ -212,7 +213,8 @@ class TextModel(nn.Module):
         return self.max_cache_len if self.layers and self.layers[0].self_attn.kv_cache is not None else 0
 
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, hd) for positions (T,), or (3, T) under M-RoPE."""
+        """cos, sin (T, hd) for positions (T,), or (3, T) under M-RoPE; (B, T, hd) for a batch whose rows
+        have positions of their own, (B, T), or (3, B, T) under M-RoPE (training on padded batches)."""
         inv_freq = self.inv_freq
         if self.cfg.rope.kind == "dynamic":
             seq_len = int(positions.max()) + 1
@@ -221,26 +223,29 @@ class TextModel(nn.Module):
                                          seq_len).to(inv_freq.device)
         if positions.dim() == 1:
             freqs = positions.float()[:, None] * inv_freq.float()[None, :]    # (T, hd/2)
+        elif self.cfg.mrope_section is None:                               # a batch: (B, T)
+            freqs = positions.float()[..., None] * inv_freq.float()           # (B, T, hd/2)
         else:
             # Qwen2-VL's apply_multimodal_rotary_pos_emb: frequency section i rotates by position row i % 3
             # (temporal, height, width); taken on the half before doubling, which is the same selection
-            rows = positions.float()[:, :, None] * inv_freq.float()[None, None, :]   # (3, T, hd/2)
+            rows = positions.float()[..., None] * inv_freq.float()           # (3, [B,] T, hd/2)
             if self.cfg.mrope_interleaved:
                 # Qwen3-VL's recomposition_frequencies: frequency j takes row 1 (height) if j % 3 == 1 and
                 # j < 3 * section[1], row 2 (width) if j % 3 == 2 and j < 3 * section[2], else row 0
                 freqs = rows[0].clone()
                 for row in (1, 2):
                     idx = slice(row, self.cfg.mrope_section[row] * 3, 3)
-                    freqs[:, idx] = rows[row][:, idx]
+                    freqs[..., idx] = rows[row][..., idx]
             else:
                 sections = rows.split(list(self.cfg.mrope_section), dim=-1)
-                freqs = torch.cat([s[i % 3] for i, s in enumerate(sections)], dim=-1)   # (T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                            # (T, hd)
+                freqs = torch.cat([s[i % 3] for i, s in enumerate(sections)], dim=-1)   # ([B,] T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                            # ([B,] T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
                 start: int | None = None, layer_additions=None) -> torch.Tensor:
-        """embeds (B, T, D) at RoPE positions (T,) or (3, T) -> hidden states (B, T, D).
+        """embeds (B, T, D) at RoPE positions (T,) or (3, T) -> hidden states (B, T, D). Without a cache, a
+        batch may give each row its own positions: (B, T), or (3, B, T) under M-RoPE.
 
         With a cache, the new tokens go into slots [start, start + T); by default start = positions[0]
         (1-D positions are their own slots). Without a cache, every row is causal over its own T
@@ -252,6 +257,8 @@ class TextModel(nn.Module):
         added to the hidden states at the masked positions after layer i (HF Qwen3-VL's
         `_deepstack_process`)."""
         cos, sin = self.rope(positions, embeds.dtype)
+        if cos.dim() == 3:                          # per-row positions: (B, 1, T, hd) against (B, H, T, hd)
+            cos, sin = cos[:, None], sin[:, None]
         T = embeds.shape[1]
         if kv_len is not None and T == 1:
             attn = AttnSpec(None, False, kv_len)

@@ -27,11 +27,30 @@ from .vision import VisionTower
 log = logging.getLogger(__name__)
 
 
+def part_of(parts: dict[str, str], name: str) -> str:
+    """The part of a parameter or module name: its longest dotted prefix in `parts`, else the LM."""
+    pieces = name.split(".")
+    for k in range(len(pieces), 0, -1):
+        part = parts.get(".".join(pieces[:k]))
+        if part is not None:
+            return part
+    return "language_model"
+
+
 class DecoderVLM(nn.Module):
     """What every family's model shares: the decoder `language_model` (models.text.TextModel) and its
     `lm_head`, image embeddings written into the token embeddings, prefill, the decode step and its
     torch.compile'd form, and the KV cache calls the engine makes. A family's model subclasses it,
     adds its vision side and calls `_init_decoder` last (so the state dict keeps the checkpoint's order)."""
+
+    # `parts`: top-level module name -> "vision" | "projector" | "language_model" (the quantizer, the planner
+    # and parameter_counts read the top level); a dotted key names a submodule that belongs to another part
+    # than its parent (Qwen2-VL's `visual.merger`, the projector inside the tower), which training reads.
+    parts: dict[str, str] = {}
+    trainable = False           # `foveal train` knows this model's training forward (train/trainer.py)
+
+    def part_of(self, name: str) -> str:
+        return part_of(self.parts, name)
 
     def _init_decoder(self, text) -> None:
         self.language_model = TextModel(text)
@@ -127,6 +146,7 @@ class VisionLanguageModel(DecoderVLM):
     models/interface.py plus the LLaVA-only steps that training and the parity tests call."""
     parts = {"vision_tower": "vision", "multi_modal_projector": "projector", "image_newline": "projector",
              "language_model": "language_model", "lm_head": "language_model"}
+    trainable = True
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()

@@ -17,6 +17,10 @@ Design decisions:
   at once with its id, not hours into a run. Pixels are decoded per batch.
 - Batches are right-padded: with a causal mask, real tokens never see padding and every row's
   positions are 0..T-1, so no attention mask is needed.
+- Any family: the family's processor builds the prompt (its image placeholder run, sized by each
+  image's (height, width) read from the file header where the count follows the size), makes the
+  pixels (`processor.pixels`), and, where RoPE positions are not 0..T-1 (Qwen2-VL's M-RoPE), the
+  positions of each example (`processor.positions`), stacked per batch as (3, B, T).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from pathlib import Path
 import torch
 
 from ..errors import FovealError, ImageError, PromptError
+from ..models.interface import ImageChunk
+from ..models.vlm import VisionLanguageModel
 from ..processing.images import ImageLimits, image_size, load_image, preprocess_batch, preprocess_views
 from ..processing.prompt import IMAGE_PLACEHOLDER, normalize_messages
 
@@ -54,7 +60,8 @@ class TrainExample:
     labels: list[int]
     image_mask: list[bool]
     images: list[Path]
-    image_sizes: list[tuple[int, int]] | None = None    # (height, width) per image, anyres models only
+    image_sizes: list[tuple[int, int]] | None = None    # (height, width) per image, where the count follows it
+    positions: torch.Tensor | None = None               # (3, T) RoPE positions, where not 0..T-1 (M-RoPE)
 
     @property
     def n_label_tokens(self) -> int:
@@ -205,11 +212,12 @@ class ConversationDataset:
     """Tokenized examples of one LLaVA file; pixels are loaded per batch by `collate`."""
 
     def __init__(self, examples: list[TrainExample], image_config=None, image_limits: ImageLimits | None = None,
-                 anyres: bool = False):
+                 anyres: bool = False, processor=None):
         self.examples = examples
         self.image_config = image_config
         self.image_limits = image_limits or ImageLimits()
         self.anyres = anyres          # LLaVA-NeXT: each image is its own views and token count
+        self.processor = processor    # another family's: it makes the pixels (None: LLaVA's preprocessing)
 
     @classmethod
     def from_file(cls, path, vlm, image_folder=None, max_length: int | None = None) -> ConversationDataset:
@@ -219,28 +227,40 @@ class ConversationDataset:
             raise DatasetError(f"record {first.id!r} has an image but the model has no vision tower")
         eos = sorted(vlm.tokenizer.eos_ids() or set(vlm.config.text.eos_token_id))
         max_length = max_length or vlm.config.text.max_position_embeddings
-        limits, anyres = vlm.image_limits, vlm.config.anyres
+        if not getattr(vlm.model, "trainable", False):
+            raise DatasetError(f"foveal train does not train {vlm.family.NAME} models yet")
+        llava = isinstance(vlm.model, VisionLanguageModel)
+        limits, anyres = vlm.image_limits, llava and vlm.config.anyres
+        positions_of = getattr(vlm.processor, "positions", None)
         examples = []
         for r in records:
             sizes = counts = None
-            if anyres:      # the token count depends on the image's size: read it from the header
+            if anyres or not llava:      # the token count depends on the image's size: read it from the header
                 try:
                     sizes = [image_size(p, limits) for p in r.images]
                 except ImageError as err:
                     raise DatasetError(f"record {r.id!r}: {err}") from None
-                counts = [vlm.config.image_tokens(s) for s in sizes]
-            examples.append(tokenize(r, vlm.prompt, eos[0] if eos else None, max_length, sizes, counts))
+                counts = [vlm.processor.image_tokens(s) for s in sizes]
+            example = tokenize(r, vlm.prompt, eos[0] if eos else None, max_length, sizes, counts)
+            if positions_of is not None:
+                try:
+                    example.positions = positions_of(example.input_ids, example.image_mask, sizes or [])
+                except FovealError as err:
+                    raise DatasetError(f"record {r.id!r}: {err}") from None
+            examples.append(example)
         useless = [e.id for e in examples if e.n_label_tokens == 0]
         if useless:
             raise DatasetError(f"record {useless[0]!r} has no answer tokens left after truncation to "
                                f"--max-length {max_length}")
-        return cls(examples, vlm.image_config, vlm.image_limits, anyres)
+        return cls(examples, vlm.image_config, vlm.image_limits, anyres, None if llava else vlm.processor)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def collate(self, indices: list[int], pad_id: int = 0) -> dict:
-        """Examples -> right-padded tensors: input_ids, labels, image_mask (B, T), pixels (N, 3, H, W).
+        """Examples -> right-padded tensors: input_ids, labels, image_mask (B, T), pixels (N, 3, H, W), or
+        what another family's processor makes of the batch's images, and positions (3, B, T) where they are not
+        0..T-1.
         An anyres model's pixels are every image's views in order, (sum of 1 + tiles, 3, S, S), with
         "views" (views per image) and "sizes" ((height, width) per image) to pack their features."""
         batch = [self.examples[i] for i in indices]
@@ -248,12 +268,17 @@ class ConversationDataset:
         ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), T), dtype=torch.bool)
-        images, sizes = [], []
+        images, sizes, loaded_images = [], [], []
+        positions = None
+        if batch[0].positions is not None:          # padding keeps position 0: real tokens never see it
+            positions = torch.zeros((batch[0].positions.shape[0], len(batch), T), dtype=torch.long)
         for row, e in enumerate(batch):
             n = len(e.input_ids)
             ids[row, :n] = torch.tensor(e.input_ids).clamp_min(0)     # IMAGE_SLOT (-1) -> 0: overwritten
             labels[row, :n] = torch.tensor(e.labels)
             mask[row, :n] = torch.tensor(e.image_mask)
+            if positions is not None:
+                positions[:, row, :n] = e.positions
             for k, p in enumerate(e.images):
                 try:
                     loaded = load_image(p, self.image_limits)
@@ -265,8 +290,13 @@ class ConversationDataset:
                                        f"it was {w}x{h} when the data was read (its token count depends on it)")
                 images.append(loaded.image)
                 sizes.append((loaded.height, loaded.width))
+                loaded_images.append(loaded)
         out = {"input_ids": ids, "labels": labels, "image_mask": mask, "pixels": None, "ids": [e.id for e in batch]}
-        if images and self.anyres:
+        if positions is not None:
+            out["positions"] = positions                                    # (3, B, T)
+        if images and self.processor is not None:
+            out["pixels"] = self.processor.pixels([ImageChunk(im, 0) for im in loaded_images])
+        elif images and self.anyres:
             views = [preprocess_views(im, self.image_config) for im in images]
             out |= {"pixels": torch.cat(views), "views": [v.shape[0] for v in views], "sizes": sizes}
         elif images:

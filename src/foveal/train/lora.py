@@ -14,7 +14,9 @@ Design decisions:
 - Tensor names follow what peft writes for transformers' current `LlavaForConditionalGeneration`
   (`base_model.model.model.language_model.layers.N.self_attn.q_proj.lora_A.weight`); the older
   layout (`base_model.model.language_model.model.layers...`) and text-only models
-  (`base_model.model.model.layers...`) are read too.
+  (`base_model.model.model.layers...`) are read too. Qwen2-VL's are the same
+  (`Qwen2VLForConditionalGeneration` nests its LM the same way); its trained projector, the
+  merger, is `modules_to_save: ["merger"]` under `base_model.model.model.visual.merger.*`.
 """
 
 from __future__ import annotations
@@ -143,9 +145,23 @@ def merge_lora(model: nn.Module) -> int:
 
 
 # ---- PEFT file format ------------------------------------------------------------------
+def projector_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's projector modules by name (its `parts`): LLaVA's multi_modal_projector, Qwen2-VL's
+    visual.merger. A bare parameter (LLaVA-NeXT's image_newline) is no PEFT module and stays out."""
+    found = {}
+    for name, part in getattr(model, "parts", {}).items():
+        if part == "projector":
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            found[name] = module
+    return found
+
+
 def _peft_key(name: str, has_vision: bool) -> str:
     """`language_model.layers.0.self_attn.q_proj.lora_A.weight` -> PEFT's name for it."""
-    if name.startswith("multi_modal_projector."):       # a modules_to_save entry
+    if not name.startswith("language_model."):       # a projector's tensor, a modules_to_save entry
         return "base_model.model.model." + name
     rest = name[len("language_model."):]
     prefix = "base_model.model.model.language_model." if has_vision else "base_model.model.model."
@@ -157,6 +173,8 @@ _PEFT_PREFIXES = (("base_model.model.model.language_model.", "language_model."),
                   ("base_model.model.language_model.model.", "language_model."),
                   ("base_model.model.model.multi_modal_projector.", "multi_modal_projector."),
                   ("base_model.model.multi_modal_projector.", "multi_modal_projector."),
+                  ("base_model.model.model.visual.", "visual."),          # Qwen2-VL's merger
+                  ("base_model.model.visual.", "visual."),
                   ("base_model.model.model.", "language_model."))
 
 
@@ -180,18 +198,24 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: Path, base_model: st
     folder.mkdir(parents=True, exist_ok=True)
     has_vision = getattr(model, "has_vision", False)
     named = dict(lora_parameters(model))
-    if save_projector and has_vision:
-        named |= {f"multi_modal_projector.{k}": v for k, v in model.multi_modal_projector.state_dict().items()}
+    projectors = projector_modules(model) if save_projector and has_vision else {}
+    for prefix, module in projectors.items():
+        named |= {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
     tensors = {_peft_key(n, has_vision): p.detach().contiguous() for n, p in named.items()}
+    from ..models.vlm import VisionLanguageModel
+    base_class = ("LlavaForConditionalGeneration" if isinstance(model, VisionLanguageModel)
+                  else getattr(model.cfg, "architecture", None))
     save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": None if has_vision else "CAUSAL_LM",
         "base_model_name_or_path": base_model, "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": target_regex(cfg.target_modules) if has_vision else list(cfg.target_modules),
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": ["multi_modal_projector"] if save_projector and has_vision else None, "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        # PEFT matches modules_to_save against the end of a module's name: `merger` is model.visual.merger
+        "modules_to_save": [p.rsplit(".", 1)[-1] for p in projectors] or None,
+        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
-        "auto_mapping": {"base_model_class": "LlavaForConditionalGeneration" if has_vision else None,
+        "auto_mapping": {"base_model_class": base_class if has_vision else None,
                          "parent_library": "transformers"} if has_vision else None,
     }
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
@@ -214,9 +238,10 @@ def read_adapter_config(folder: Path) -> LoRAConfig:
             raise WeightsError(f"{path}: {unsupported} adapters are not supported")
     if d.get("rank_pattern") or d.get("alpha_pattern"):
         raise WeightsError(f"{path}: per-layer rank_pattern / alpha_pattern are not supported")
-    extra = [m for m in d.get("modules_to_save") or [] if m != "multi_modal_projector"]
+    extra = [m for m in d.get("modules_to_save") or [] if m not in ("multi_modal_projector", "merger")]
     if extra:
-        raise WeightsError(f"{path}: modules_to_save {extra} are not supported (only multi_modal_projector)")
+        raise WeightsError(f"{path}: modules_to_save {extra} are not supported (only the projector: "
+                           f"multi_modal_projector, or Qwen2-VL's merger)")
     targets = d.get("target_modules") or []
     if isinstance(targets, str):        # a regex: pull out the leaf names it lists
         targets = [t for t in LM_TARGETS if re.search(rf"\b{t}\b", targets)]
@@ -231,10 +256,11 @@ def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
     wanted = {_from_peft_key(k): v for k, v in tensors.items()}
     apply_lora(model, cfg)
     params = dict(lora_parameters(model))
-    if any(k.startswith("multi_modal_projector.") for k in wanted):
+    if any(not k.startswith("language_model.") for k in wanted):
         if not getattr(model, "has_vision", False):
             raise WeightsError(f"adapter {folder} holds projector weights but the model has no vision tower")
-        params |= {f"multi_modal_projector.{k}": v for k, v in model.multi_modal_projector.state_dict().items()}
+        for prefix, module in projector_modules(model).items():
+            params |= {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
     missing = sorted(set(params) - set(wanted))
     unexpected = sorted(set(wanted) - set(params))
     if missing or unexpected:
@@ -252,14 +278,11 @@ def load_adapter(model: nn.Module, folder: Path) -> LoRAConfig:
 def merge_adapter(base, adapter: Path, out: Path, dtype: str | None = None) -> Path:
     """Load base (a model reference), apply the adapter, fold it in, write an HF checkpoint."""
     from ..api import load
-    from ..weights.save import save_checkpoint
-    from .trainer import image_processor_dict
+    from .trainer import save_model
     vlm = load(base, dtype="float32")
     load_adapter(vlm.model, Path(adapter))
     merge_lora(vlm.model)
     save_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
     if dtype not in save_dtype:
         raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
-    return save_checkpoint(vlm.model, vlm.config, Path(out), tokenizer_json=vlm.tokenizer.tok.to_str(),
-                           tokenizer_config=dict(vlm.tokenizer.config), chat_template=vlm.prompt.template,
-                           image_processor=image_processor_dict(vlm), dtype=save_dtype[dtype])
+    return save_model(vlm, Path(out), save_dtype[dtype])

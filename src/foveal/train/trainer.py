@@ -1,4 +1,5 @@
-"""The LLaVA training stages: `align` (stage 1) and `instruct` (stage 2), one loop for both.
+"""The LLaVA training stages: `align` (stage 1) and `instruct` (stage 2), one loop for both, for
+LLaVA models and any family whose model says it is `trainable` (Qwen2-VL).
 
 Mirrors LLaVA's scripts/v1_5/pretrain.sh and finetune(_lora).sh: stage 1 trains only the
 projector on image-caption pairs; stage 2 trains projector + language model (or projector +
@@ -21,6 +22,9 @@ Design decisions:
 - Logits are computed only at label positions (hidden states are gathered first), so the
   vocabulary projection costs little on long image prompts.
 - Only rank 0 writes files and prints.
+- Another family than LLaVA: parts come from the model's `parts` (Qwen2-VL's merger is the
+  projector), images from the family's processor and `model.encode`, per-example positions from
+  the batch (M-RoPE), and the written checkpoint from the family's `hf_name` / `config_to_hf`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -39,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, FovealError
+from ..models.vlm import VisionLanguageModel
+from ..models.vlm import part_of as model_part_of
 from .datasets import IGNORE_INDEX, ConversationDataset
 from .lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
 from .state import list_checkpoints, load_state, optimizer_from_files, restore_rng, save_state
@@ -191,18 +198,20 @@ def budget_lr_factor(step: int, total: int, warmup: int, elapsed_s: float, budge
     return lr_factor(min(total - 1, int(frac * total)), total, warmup)
 
 
-def part_of(name: str) -> str:
+def part_of(name: str, model: nn.Module | None = None) -> str:
+    """The trained part of a parameter: lora, or what the model's `parts` say (LLaVA's by default:
+    vision_tower, multi_modal_projector + LLaVA-NeXT's image_newline, the LM; Qwen2-VL's merger is its
+    projector)."""
     if ".lora_A." in name or ".lora_B." in name:
         return "lora"
-    if name.startswith("multi_modal_projector.") or name == "image_newline":    # LLaVA-NeXT's row separator
-        return "projector"
-    if name.startswith("vision_tower."):
-        return "vision"
-    return "lm"
+    part = model_part_of(model.parts if model is not None else VisionLanguageModel.parts, name)
+    return "lm" if part == "language_model" else part
 
 
 def configure_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Freeze / unfreeze parts for the stage; returns {part: [(name, param)]} of what trains."""
+    if not getattr(model, "trainable", False):
+        raise ConfigError(f"foveal train does not know how to train a {type(model).__name__} yet")
     model.requires_grad_(False)
     if cfg.lora:
         apply_lora(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
@@ -218,7 +227,7 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig) -> dict[str, list[tu
             raise ConfigError("stage 'align' trains the projector, and this model has no vision tower")
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():       # tied weights appear once
-        part = part_of(name)
+        part = part_of(name, model)
         if cfg.lora and name == "image_newline":
             continue        # a PEFT adapter holds modules (modules_to_save), not a bare parameter: it stays
         if part in trained:
@@ -237,11 +246,15 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.train_vision = train_vision
 
-    def forward(self, input_ids, labels, image_mask, pixels, views=None, sizes=None):
-        """views, sizes: an anyres model's views per image and (height, width) per image (see collate)."""
+    def forward(self, input_ids, labels, image_mask, pixels, views=None, sizes=None, positions=None):
+        """views, sizes: an anyres model's views per image and (height, width) per image (see collate).
+        positions: (3, B, T) M-RoPE positions per row (None: 0..T-1)."""
         m = self.model
         image_embeds = None
-        if pixels is not None:
+        if pixels is not None and not isinstance(m, VisionLanguageModel):
+            # another family: its own encoder; frozen parts record no graph (no input there needs a gradient)
+            image_embeds = torch.cat(m.encode(pixels))[None]            # (1, sum T_i, D)
+        elif pixels is not None:
             with nullcontext() if self.train_vision else torch.no_grad():
                 features = m.image_features(pixels)                     # (N, P, D_vision)
             image_embeds = m.project(features)                          # (N, P, D)
@@ -250,7 +263,9 @@ class CausalLMLoss(nn.Module):
                 image_embeds = torch.cat(rows)[None]                    # (1, sum T_i, D)
         embeds = m.embed(input_ids, image_mask if pixels is not None else None, image_embeds)  # (B, T, D)
         T = embeds.shape[1]
-        hidden = m.language_model(embeds, torch.arange(T, device=embeds.device))     # (B, T, D)
+        if positions is None:
+            positions = torch.arange(T, device=embeds.device)
+        hidden = m.language_model(embeds, positions.to(embeds.device))  # (B, T, D)
         targets = labels[:, 1:]                                         # predict token t+1 at t
         keep = targets != IGNORE_INDEX
         logits = m.lm_head(hidden[:, :-1][keep]).float()               # (N_label, V)
@@ -405,8 +420,13 @@ class Trainer:
     def _loss(self, b: dict, autocast) -> torch.Tensor:
         """The summed token loss of one micro-batch. A compiled forward that fails (no C++ compiler for
         Inductor, an unsupported op) says why once and the run goes on eagerly from that batch."""
+        pixels = b["pixels"]
+        if isinstance(pixels, (tuple, list)):       # another family's (pixel_values, grid_thw)
+            pixels = tuple(t.to(self.device) for t in pixels)
+        elif pixels is not None:
+            pixels = pixels.to(self.device)
         args = (b["input_ids"].to(self.device), b["labels"].to(self.device), b["image_mask"].to(self.device),
-                b["pixels"].to(self.device) if b["pixels"] is not None else None, b.get("views"), b.get("sizes"))
+                pixels, b.get("views"), b.get("sizes"), b.get("positions"))
         try:
             with autocast:
                 return self.forward(*args)
@@ -425,7 +445,6 @@ class Trainer:
             print(text, file=sys.stderr, flush=True)
 
     def _write_outputs(self, result: TrainResult) -> None:
-        from ..weights.save import save_checkpoint
         cfg, vlm = self.cfg, self.vlm
         self.out.mkdir(parents=True, exist_ok=True)
         steps = [h["step"] for h in self.history]
@@ -437,8 +456,6 @@ class Trainer:
             plot_losses(steps, losses, self.out / "loss.png", f"foveal train {cfg.stage}")
         save_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                       None: None}[cfg.save_dtype]
-        files = dict(tokenizer_json=vlm.tokenizer.tok.to_str(), tokenizer_config=dict(vlm.tokenizer.config),
-                     chat_template=vlm.prompt.template, image_processor=image_processor_dict(vlm))
         self.model.eval()
         if cfg.lora:
             result.adapter_dir = save_adapter(self.model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
@@ -446,10 +463,9 @@ class Trainer:
                                               save_projector="projector" in self.groups)
             if cfg.merge:
                 merge_lora(self.model)
-                result.model_dir = save_checkpoint(self.model, vlm.config, self.out / "merged", dtype=save_dtype,
-                                                   **files)
+                result.model_dir = save_model(vlm, self.out / "merged", save_dtype)
         else:
-            result.model_dir = save_checkpoint(self.model, vlm.config, self.out, dtype=save_dtype, **files)
+            result.model_dir = save_model(vlm, self.out, save_dtype)
 
     def train(self) -> TrainResult:
         cfg, d = self.cfg, self.dist
@@ -522,6 +538,40 @@ class Trainer:
 def train(cfg: TrainConfig, vlm=None) -> TrainResult:
     """Run one training stage; see TrainConfig. Under torchrun, every process calls this."""
     return Trainer(cfg, vlm).train()
+
+
+def save_model(vlm, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a (trained) model as an HF checkpoint folder that foveal and transformers load. LLaVA (and
+    text LMs): weights/save.py's full config and llava-hf names. Any other family as `foveal quantize`
+    writes it: tensors under the family's names (`hf_name`), its config.json (`config_to_hf` of the one it
+    was read from), the tokenizer and template, and the source's other files (preprocessor_config.json ...)."""
+    from safetensors.torch import save_file
+
+    from ..quant.quantize import COPIED_SUFFIXES, NOT_COPIED
+    from ..weights.save import hf_state_dict, save_checkpoint
+    model, cfg, folder = vlm.model, vlm.config, Path(folder)
+    files = dict(tokenizer_json=vlm.tokenizer.tok.to_str(), tokenizer_config=dict(vlm.tokenizer.config),
+                 chat_template=vlm.prompt.template)
+    if isinstance(model, VisionLanguageModel):
+        return save_checkpoint(model, cfg, folder, dtype=dtype, image_processor=image_processor_dict(vlm), **files)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = hf_state_dict(model, cfg, vlm.family.hf_name)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    hf = vlm.family.config_to_hf(cfg, getattr(vlm, "raw_config", None) or {})
+    hf["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    (folder / "tokenizer.json").write_text(files["tokenizer_json"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(files["tokenizer_config"], indent=2))
+    (folder / "chat_template.jinja").write_text(files["chat_template"])
+    written = {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    source = Path(vlm.path)
+    for f in sorted(source.iterdir()) if source.is_dir() else ():
+        if (f.is_file() and f.suffix in COPIED_SUFFIXES and f.name not in NOT_COPIED | written
+                and f.resolve() != (folder / f.name).resolve()):
+            shutil.copyfile(f, folder / f.name)
+    return folder
 
 
 def image_processor_dict(vlm) -> dict | None:

@@ -238,8 +238,14 @@ def plan_vision(cfg: QwenVLConfig, images: int, dbytes: int, image_processor: di
 
 
 class QwenVLModel(DecoderVLM):
-    parts = {"visual": "vision", "language_model": "language_model", "lm_head": "language_model"}
+    # visual.merger (ln_q + the 2-layer MLP from 4 merged patches to the LM width) plays LLaVA's projector
+    # in training: `align` trains it alone, `instruct` with the LM, the ViT only under --train-vision. The
+    # planner and parameter counts read the top level, where it stays inside the tower.
+    parts = {"visual": "vision", "visual.merger": "projector", "language_model": "language_model",
+             "lm_head": "language_model"}
     tower = QwenVisionTower
+    trainable = True
+    has_vision = True
 
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
@@ -374,6 +380,14 @@ class QwenVLProcessor:
 
     def count_tokens(self, messages, limits, budget=None) -> int:
         return len(self._build(messages, limits, budget)[0].input_ids)
+
+    def positions(self, input_ids: list[int], image_mask: list[bool], sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """M-RoPE positions (3, T) of built ids whose images have these (height, width) sizes (training)."""
+        grids = [image_grid(h, w, self.image_config) for h, w in sizes]
+        ids = [self.cfg.image_token_id if m else t for t, m in zip(input_ids, image_mask)]
+        return rope_index(ids, grids or None, None, spatial_merge_size=self.cfg.vision.spatial_merge_size,
+                          image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
+                          kind=self.cfg.kind)[0]
 
     def pixels(self, chunks: list):
         parts = []

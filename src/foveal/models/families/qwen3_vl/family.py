@@ -135,6 +135,7 @@ class Qwen3VLModel(QwenVLModel):
     D * (1 + len(deepstack))): the merged embedding, then each deepstack feature, so the engine's
     embedding cache keeps them together."""
     tower = Qwen3VisionTower
+    trainable = False       # the trainer's loss does not carry DeepStack's per-layer rows yet
 
     def __init__(self, cfg: QwenVLConfig):
         super().__init__(cfg)
