@@ -408,3 +408,94 @@ def ollama_store(root: Path, name: str, tag: str, layers: list[tuple[Path, str]]
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": entries}))
     return root
+
+
+MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|finetune_right_pad_id|>", "<|python_tag|>"]
+# Llama-3.2-*-Vision-Instruct's chat template without its tool and date branches
+MLLAMA_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] | trim }}{%- else %}"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] | trim }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def _mllama_tokenizer(folder: Path) -> dict:
+    """A byte-level BPE with Llama 3's specials (BOS added) and `<|image|>` as the last id, past the text
+    vocabulary as in the real checkpoints (128256)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=MLLAMA_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.add_special_tokens(["<|image|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>",
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return {t: tok.token_to_id(t) for t in [*MLLAMA_SPECIALS, "<|image|>"]} | {"size": tok.get_vocab_size()}
+
+
+def build_mllama(folder: Path, *, seed=0, max_num_tiles=4, tile=28) -> Path:
+    """Save a tiny MllamaForConditionalGeneration (+ MllamaImageProcessorPil, chat template): 28-px tiles of
+    4 patches (+ class token), up to 4 tiles, a 3-layer local and 2-layer gated global ViT with layers 0 and 2
+    concatenated, a 4-layer Llama decoder with cross-attention at layers 1 and 3. Every gate is non-zero
+    (HF initialises them to zero, which would hide the images)."""
+    import transformers as T
+    folder = Path(folder)
+    ids = _mllama_tokenizer(folder)
+    vocab = ids["<|image|>"]            # the text vocabulary ends before <|image|>
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab, cross_attention_layers=[1, 3], max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rms_norm_eps=1e-5,
+                bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"],
+                pad_token_id=ids["<|finetune_right_pad_id|>"], initializer_range=0.1)
+    vision = dict(hidden_size=32, num_hidden_layers=3, num_global_layers=2, attention_heads=4, intermediate_size=48,
+                  vision_output_dim=96, image_size=tile, patch_size=14, max_num_tiles=max_num_tiles,
+                  intermediate_layers_indices=[0, 2], initializer_range=0.1,
+                  supported_aspect_ratios=[list(r) for r in _mllama_ratios(max_num_tiles)])
+    cfg = T.MllamaConfig(text_config=text, vision_config=vision, image_token_index=ids["<|image|>"])
+    torch.manual_seed(seed)
+    model = T.MllamaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.copy_(torch.rand_like(p) * 0.6 + 0.4)
+            elif "vision_model" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith(("norm.weight", "class_embedding")) or ("vision_model" in name and p.dim() == 1):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    T.MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=max_num_tiles).save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(MLLAMA_TEMPLATE)
+    return folder
+
+
+def _mllama_ratios(max_tiles: int) -> list[tuple[int, int]]:
+    return [(w, h) for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1) if w * h <= max_tiles]
+
+
+def hf_mllama_processor(folder: Path):
+    """transformers' MllamaProcessor over the saved tokenizer and the image processor AutoImageProcessor picks."""
+    from unittest import mock
+    import transformers as T
+    cfg = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"),
+                                       **{k: v for k, v in cfg.items() if k.endswith("_token") and v})
+    image_processor = T.AutoImageProcessor.from_pretrained(folder)
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return T.MllamaProcessor(image_processor=image_processor, tokenizer=hf_tok, chat_template=MLLAMA_TEMPLATE)
+
+
+def hf_mllama(folder: Path):
+    import transformers as T
+    return T.MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
