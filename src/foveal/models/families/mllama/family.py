@@ -281,19 +281,11 @@ class MllamaModel(DecoderVLM):
         return states, counts
 
     def cross_attention_mask(self, image_slots: list[int], counts: list[int], T: int, dtype, device):
-        """HF's get_cross_attention_token_mask + convert_sparse_cross_attention_mask_to_dense +
-        _prepare_cross_attention_mask: additive (T, n * tiles * L) and the row mask (T, 1)."""
-        tiles, L = self.cfg.vision.max_num_tiles, self.cfg.vision.num_patches
-        spans = [[a, b] for a, b in zip(image_slots[:-1], image_slots[1:])] + [[image_slots[-1], T]]
-        end = spans[-1][1]
-        for span in reversed(spans):     # consecutive images attend together, to the end of the group
-            if span[0] == span[1] - 1:
-                span[1] = end
-            end = span[1]
-        dense = torch.zeros((T, len(image_slots), tiles), dtype=torch.bool)
-        for i, ((a, b), k) in enumerate(zip(spans, counts)):
-            dense[a:min(b, T), i, :k] = True
-        allowed = dense.repeat_interleave(L, dim=2).view(T, -1).to(device)
+        """HF's _prepare_cross_attention_mask over the processor's dense mask: additive (T, n * tiles * L)
+        (0 where allowed, the dtype's min elsewhere, all 0 on a row that attends to no image) and the row
+        mask (T, 1)."""
+        dense = dense_cross_attention_mask(image_slots, counts, T, self.cfg.vision.max_num_tiles)
+        allowed = dense.repeat_interleave(self.cfg.vision.num_patches, dim=2).view(T, -1).to(device)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
         row_kept = allowed.any(-1, keepdim=True).to(dtype)
         return mask * row_kept, row_kept
@@ -392,6 +384,22 @@ class MllamaProcessor:
         done = [process_image(c.image.image, self.image_config) for c in chunks]
         return (torch.stack([d.pixel_values for d in done]), torch.tensor([d.aspect_ratio_id for d in done]),
                 torch.stack([d.aspect_ratio_mask for d in done]))
+
+
+def dense_cross_attention_mask(image_slots: list[int], counts: list[int], T: int, max_tiles: int) -> torch.Tensor:
+    """MllamaProcessor's cross_attention_mask (T, n, max_tiles) bool from the image tokens' positions and
+    tile counts (get_cross_attention_token_mask + convert_sparse_cross_attention_mask_to_dense): an image is
+    attended from its token to the next image's, consecutive images as a group to the end of theirs."""
+    spans = [[a, b] for a, b in zip(image_slots[:-1], image_slots[1:])] + [[image_slots[-1], T]]
+    end = spans[-1][1]
+    for span in reversed(spans):
+        if span[0] == span[1] - 1:
+            span[1] = end
+        end = span[1]
+    dense = torch.zeros((T, len(image_slots), max_tiles), dtype=torch.bool)
+    for i, ((a, b), k) in enumerate(zip(spans, counts)):
+        dense[a:min(b, T), i, :k] = True
+    return dense
 
 
 def _check_budget(budget, n_images: int) -> None:
