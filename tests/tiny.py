@@ -408,3 +408,89 @@ def ollama_store(root: Path, name: str, tag: str, layers: list[tuple[Path, str]]
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": entries}))
     return root
+
+
+# InternVL3-*-hf's chat template (chat_template.jinja): an image is one <IMG_CONTEXT>, which the processor
+# expands to <img><IMG_CONTEXT>*N</img>
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                     "video_token": "<video>"}
+INTERNVL_TILE = dict(image_size=32, patch_size=8, max_patches=6)   # 4x4 patches -> 2x2 = 4 tokens a tile
+
+
+def _internvl_tokenizer(folder: Path):
+    """The qwen2 tiny tokenizer with InternVL's image tokens added as specials, saved by transformers (its
+    tokenizer_config.json names them in extra_special_tokens, as the InternVL3-*-hf checkpoints do)."""
+    import transformers as T
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_str(tokenizer_json("qwen2"))
+    tok.add_special_tokens(list(INTERNVL_SPECIALS.values()))
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>", extra_special_tokens=dict(INTERNVL_SPECIALS))
+    return hf_tok
+
+
+def build_internvl(folder: Path, *, tie=True, seed=0, norm_type="layer_norm", qk_norm=False, feature_layer=-1,
+                   mean_pooling=True, attention_bias=False, strategy="default") -> Path:
+    """Save a tiny InternVLForConditionalGeneration (+ its processor's files): a 2-block InternViT over 32-px tiles of
+    8-px patches (CLS + 16 patches), pixel-shuffled 2x2 into 4 tokens a tile, a 2-layer Qwen2 decoder; tiles
+    up to max_patches=6 plus a thumbnail."""
+    import transformers as T
+    folder = Path(folder)
+    hf_tok = _internvl_tokenizer(folder)
+    vocab = hf_tok.get_vocab()
+    text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=512,
+                rope_theta=1e6, bos_token_id=None, eos_token_id=vocab["<|im_end|>"],
+                pad_token_id=vocab["<|endoftext|>"], tie_word_embeddings=tie, initializer_range=0.1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=INTERNVL_TILE["image_size"], patch_size=INTERNVL_TILE["patch_size"], norm_type=norm_type,
+                  use_qk_norm=qk_norm, use_mean_pooling=mean_pooling, attention_bias=attention_bias,
+                  initializer_range=0.1)
+    tokens = (INTERNVL_TILE["image_size"] // INTERNVL_TILE["patch_size"] // 2) ** 2
+    cfg = T.InternVLConfig(text_config=text, vision_config=vision, image_token_id=vocab["<IMG_CONTEXT>"],
+                           image_seq_length=tokens, vision_feature_layer=feature_layer,
+                           vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = T.InternVLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():       # make images matter; layer scales, norms and biases other than constants
+        for name, p in model.named_parameters():
+            if "vision_tower" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif "vision_tower" in name or "multi_modal_projector" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    image_processor = T.GotOcr2ImageProcessorPil(size={"height": INTERNVL_TILE["image_size"],
+                                                       "width": INTERNVL_TILE["image_size"]},
+                                                 max_patches=INTERNVL_TILE["max_patches"])
+    image_processor.save_pretrained(folder)     # (the whole processor's save wants its torchvision video half)
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_length": tokens,
+                                                              "processor_class": "InternVLProcessor"}))
+    (folder / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
+    return folder
+
+
+def hf_internvl_processor(folder: Path):
+    """transformers' InternVLProcessor over the saved tokenizer and image processor (no video processor: its
+    class check imports torchvision)."""
+    from unittest import mock
+    import transformers as T
+    hf_tok = T.AutoTokenizer.from_pretrained(folder)
+    image_processor = T.GotOcr2ImageProcessorPil.from_pretrained(folder)
+    seq = json.loads((Path(folder) / "processor_config.json").read_text()).get("image_seq_length", 256)
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return T.InternVLProcessor(image_processor=image_processor, tokenizer=hf_tok, video_processor=None,
+                                   image_seq_length=seq, chat_template=INTERNVL_TEMPLATE)
+
+
+def hf_internvl(folder: Path):
+    import transformers as T
+    return T.InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()

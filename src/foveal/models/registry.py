@@ -31,6 +31,7 @@ MODEL_TYPES = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
     "qwen3_vl": "qwen3_vl",
+    "internvl": "internvl",
 }
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -44,6 +45,7 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "InternVLForConditionalGeneration": "internvl",
 }
 # what the error lists: family -> the model types it reads
 SUPPORTED = {
@@ -52,6 +54,7 @@ SUPPORTED = {
     "text_only": "text-only llama, mistral, qwen2",
     "qwen2_vl": "Qwen2-VL and Qwen2.5-VL (qwen2_vl, qwen2_5_vl)",
     "qwen3_vl": "Qwen3-VL, images (qwen3_vl)",
+    "internvl": "InternVL 2.5 / 3 as transformers ports it (internvl)",
 }
 
 

@@ -415,8 +415,11 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: Tokenizer, template: str | None, image_token_id: int | None,
                  tokens_per_image: int, image_token: str = IMAGE_PLACEHOLDER, video_token: str | None = None,
-                 video_token_id: int | None = None):
+                 video_token_id: int | None = None, image_open: str = "", image_close: str = ""):
+        """image_open / image_close: text written around each image's expanded run of image tokens (InternVL's
+        `<img>` ... `</img>`), where the processor adds them and the chat template does not."""
         self.tokenizer = tokenizer
+        self.image_open, self.image_close = image_open, image_close
         self.template = template or LLAVA_15_TEMPLATE
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
@@ -455,7 +458,7 @@ class PromptBuilder:
             slots = _placeholders(text, self.image_token, self.video_token, iter(counts), iter(videos))
             expanded, at = [], 0
             for start, token, n in slots:
-                expanded += [text[at:start], token * n]
+                expanded += [text[at:start], self._expansion(token, n)]
                 at = start + len(token)
             enc = self.tokenizer.tok.encode("".join(expanded) + text[at:], add_special_tokens=add_special)
             ids = enc.ids
@@ -464,7 +467,8 @@ class PromptBuilder:
             if sum(mask) != sum(counts) + sum(videos):
                 raise PromptError(f"expected {sum(counts) + sum(videos)} image/video tokens after expansion, "
                                   f"found {sum(mask)}: the text itself contains the image or video token")
-            assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, slots)) \
+            grown = [(start, token, len(self._expansion(token, n))) for start, token, n in slots]
+            assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, grown)) \
                 if track_assistant else None
             media = ["image" if token == self.image_token else "video" for _, token, _ in slots]
         else:
@@ -472,6 +476,11 @@ class PromptBuilder:
                                                 counts)
             media = ["image"] * n_images
         return PromptInputs(ids, mask, n_images, text, assistant, media)
+
+    def _expansion(self, token: str, n: int) -> str:
+        if token == self.image_token:
+            return self.image_open + token * n + self.image_close
+        return token * n
 
     def _splice(self, text, add_special, spans, track, counts):
         ids, mask, assistant, offset = [], [], [], 0
@@ -504,11 +513,11 @@ def _placeholders(text, image_token, video_token, image_counts, video_counts) ->
     return sorted(found)
 
 
-def _shift_spans(spans, slots):
-    """Generation spans in the unexpanded text -> spans in the expanded text (a placeholder grows by n - 1
-    copies of itself)."""
+def _shift_spans(spans, grown):
+    """Generation spans in the unexpanded text -> spans in the expanded text; grown: (position, placeholder,
+    length of the text that replaced it) of each placeholder."""
     def grow(pos):
-        return sum(len(token) * (n - 1) for start, token, n in slots if start + len(token) <= pos)
+        return sum(length - len(token) for start, token, length in grown if start + len(token) <= pos)
     return [(a + grow(a), b + grow(b)) for a, b in spans]
 
 
