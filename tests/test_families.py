@@ -21,6 +21,7 @@ from foveal.plan import plan
 from live_server import MODEL, LiveServer
 from tiny import (QWEN_TEMPLATE, _text_config, build_llava, build_llava_next, build_qwen2_vl, build_qwen3_vl,
                   write_tokenizer)
+from tiny import build_internvl, build_pixtral
 from tiny import build_mllama
 
 
@@ -40,10 +41,14 @@ BUILDERS = {
     "qwen2_vl": lambda f: build_qwen2_vl(f, kind="qwen2_vl"),
     "qwen2_5_vl": lambda f: build_qwen2_vl(f, kind="qwen2_5_vl"),
     "qwen3_vl": build_qwen3_vl,
+    "internvl": build_internvl,
+    "pixtral": lambda f: build_pixtral(f, kind="llava"),
+    "mistral3": lambda f: build_pixtral(f, kind="mistral3"),
     "mllama": build_mllama,
 }
 MODULE_OF = {"llava": "llava", "llava_next": "llava", "text_only": "text_only", "qwen2_vl": "qwen2_vl",
-             "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl",
+             "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "internvl": "internvl",
+             "pixtral": "pixtral", "mistral3": "pixtral",
              "mllama": "mllama"}       # the family module each builder's checkpoint goes to
 FAMILY_OF = {k: "text" if v == "text_only" else v for k, v in MODULE_OF.items()}   # its NAME
 

@@ -261,9 +261,6 @@ def build_qwen2_vl(folder: Path, *, kind="qwen2_vl", tie=False, seed=0, mrope_se
             if "visual" in name and p.dim() > 1:
                 p.normal_(0, 0.2)
     model.save_pretrained(folder)
-    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                       **{k: v for k, v in json.loads((folder / "tokenizer_config.json").read_text())
-                                          .items() if k.endswith("_token") and v})
     image_processor = T.Qwen2VLImageProcessorPil(**QWEN_VL_PIXELS, patch_size=14, merge_size=2,
                                                  temporal_patch_size=2)
     image_processor.save_pretrained(folder)     # (the whole processor wants torchvision for its video half)
@@ -408,6 +405,210 @@ def ollama_store(root: Path, name: str, tag: str, layers: list[tuple[Path, str]]
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": entries}))
     return root
+
+
+# InternVL3-*-hf's chat template (chat_template.jinja): an image is one <IMG_CONTEXT>, which the processor
+# expands to <img><IMG_CONTEXT>*N</img>
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                     "video_token": "<video>"}
+INTERNVL_TILE = dict(image_size=32, patch_size=8, max_patches=6)   # 4x4 patches -> 2x2 = 4 tokens a tile
+
+
+def _internvl_tokenizer(folder: Path):
+    """The qwen2 tiny tokenizer with InternVL's image tokens added as specials, saved by transformers (its
+    tokenizer_config.json names them in extra_special_tokens, as the InternVL3-*-hf checkpoints do)."""
+    import transformers as T
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_str(tokenizer_json("qwen2"))
+    tok.add_special_tokens(list(INTERNVL_SPECIALS.values()))
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>", extra_special_tokens=dict(INTERNVL_SPECIALS))
+    return hf_tok
+
+
+def build_internvl(folder: Path, *, tie=True, seed=0, norm_type="layer_norm", qk_norm=False, feature_layer=-1,
+                   mean_pooling=True, attention_bias=False, strategy="default") -> Path:
+    """Save a tiny InternVLForConditionalGeneration (+ its processor's files): a 2-block InternViT over 32-px tiles of
+    8-px patches (CLS + 16 patches), pixel-shuffled 2x2 into 4 tokens a tile, a 2-layer Qwen2 decoder; tiles
+    up to max_patches=6 plus a thumbnail."""
+    import transformers as T
+    folder = Path(folder)
+    hf_tok = _internvl_tokenizer(folder)
+    vocab = hf_tok.get_vocab()
+    text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=512,
+                rope_theta=1e6, bos_token_id=None, eos_token_id=vocab["<|im_end|>"],
+                pad_token_id=vocab["<|endoftext|>"], tie_word_embeddings=tie, initializer_range=0.1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=INTERNVL_TILE["image_size"], patch_size=INTERNVL_TILE["patch_size"], norm_type=norm_type,
+                  use_qk_norm=qk_norm, use_mean_pooling=mean_pooling, attention_bias=attention_bias,
+                  initializer_range=0.1)
+    tokens = (INTERNVL_TILE["image_size"] // INTERNVL_TILE["patch_size"] // 2) ** 2
+    cfg = T.InternVLConfig(text_config=text, vision_config=vision, image_token_id=vocab["<IMG_CONTEXT>"],
+                           image_seq_length=tokens, vision_feature_layer=feature_layer,
+                           vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = T.InternVLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():       # make images matter; layer scales, norms and biases other than constants
+        for name, p in model.named_parameters():
+            if "vision_tower" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif "vision_tower" in name or "multi_modal_projector" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    image_processor = T.GotOcr2ImageProcessorPil(size={"height": INTERNVL_TILE["image_size"],
+                                                       "width": INTERNVL_TILE["image_size"]},
+                                                 max_patches=INTERNVL_TILE["max_patches"])
+    image_processor.save_pretrained(folder)     # (the whole processor's save wants its torchvision video half)
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_length": tokens,
+                                                              "processor_class": "InternVLProcessor"}))
+    (folder / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
+    return folder
+
+
+def hf_internvl_processor(folder: Path):
+    """transformers' InternVLProcessor over the saved tokenizer and image processor (no video processor: its
+    class check imports torchvision)."""
+    from unittest import mock
+    import transformers as T
+    hf_tok = T.AutoTokenizer.from_pretrained(folder)
+    image_processor = T.GotOcr2ImageProcessorPil.from_pretrained(folder)
+    seq = json.loads((Path(folder) / "processor_config.json").read_text()).get("image_seq_length", 256)
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return T.InternVLProcessor(image_processor=image_processor, tokenizer=hf_tok, video_processor=None,
+                                   image_seq_length=seq, chat_template=INTERNVL_TEMPLATE)
+
+
+def hf_internvl(folder: Path):
+    import transformers as T
+    return T.InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# ---- Pixtral (LLaVA with a Pixtral ViT) and Mistral 3 ----------------------------------------------
+PIXTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# mistral-community/pixtral-12b's chat template, shortened: an optional system prompt goes into the last user
+# turn, images are [IMG] (the processor expands each into rows), assistant turns end with </s>
+PIXTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{%- if loop.last and system_message is defined %}"
+    "{{- '[INST]' + system_message + '\n\n' }}{%- else %}{{- '[INST]' }}{%- endif %}"
+    "{%- if message['content'] is not string %}{%- for chunk in message['content'] %}"
+    "{%- if chunk['type'] == 'text' %}{{- chunk['text'] }}{%- elif chunk['type'] == 'image' %}{{- '[IMG]' }}"
+    "{%- endif %}{%- endfor %}{%- else %}{{- message['content'] }}{%- endif %}{{- '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for chunk in message['content'] %}{{- chunk['text'] }}{%- endfor %}{%- endif %}"
+    "{{- eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def _write_pixtral_tokenizer(folder: Path) -> dict:
+    """A byte-level BPE with Mistral's control tokens ([INST], [IMG], [IMG_BREAK], [IMG_END]) and a <s> BOS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=PIXTRAL_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return {"vocab_size": tok.get_vocab_size(), **{t: tok.token_to_id(t) for t in PIXTRAL_SPECIALS}}
+
+
+def build_pixtral(folder: Path, *, kind="llava", tie=False, seed=0, longest_edge=96, patch=8, merge=2) -> Path:
+    """Save a tiny Pixtral: kind "llava" (Pixtral-12B's LlavaForConditionalGeneration with a Pixtral ViT, one
+    token per 8-px patch) or "mistral3" (Mistral3ForConditionalGeneration: RMS norm + a `merge` x `merge`
+    patch merger before the projector); a 3-layer 2-D-RoPE ViT and a 2-layer Mistral decoder, the image
+    processor resizing the longest edge to `longest_edge` px, chat template and processor_config.json."""
+    import transformers as T
+    folder = Path(folder)
+    vocab = _write_pixtral_tokenizer(folder)
+    text = dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=vocab["vocab_size"],
+                max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+                bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                tie_word_embeddings=tie, initializer_range=0.1)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=longest_edge, patch_size=patch, hidden_act="silu",
+                  rope_parameters={"rope_type": "axial", "rope_theta": 10000.0}, initializer_range=0.1)
+    if kind == "llava":
+        cfg = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["[IMG]"],
+                            vision_feature_layer=-1, vision_feature_select_strategy="full",
+                            projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=tie)
+        Model, merge = T.LlavaForConditionalGeneration, 1
+    else:
+        cfg = T.Mistral3Config(vision_config=vision, text_config=text, image_token_index=vocab["[IMG]"],
+                               vision_feature_layer=-1, spatial_merge_size=merge, projector_hidden_act="gelu",
+                               multimodal_projector_bias=False, tie_word_embeddings=tie)
+        Model = T.Mistral3ForConditionalGeneration
+    torch.manual_seed(seed)
+    model = Model(cfg).eval()
+    with torch.no_grad():       # random init leaves the tiny tower's output near zero: make images matter
+        for name, p in model.named_parameters():
+            if "vision_tower" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    image_processor = T.PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                                                 patch_size={"height": patch, "width": patch})
+    image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(PIXTRAL_TEMPLATE)
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "PixtralProcessor", "patch_size": patch, "spatial_merge_size": merge,
+         "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}))
+    return folder
+
+
+def hf_pixtral_processor(folder: Path):
+    """transformers' PixtralProcessor over the saved tokenizer and PIL image processor (its class check and
+    backend guard want torchvision, which the tests do without)."""
+    from unittest import mock
+    import transformers as T
+    import sys
+    import types
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+    if "transformers.models.pixtral.processing_pixtral" not in sys.modules:
+        # processing_pixtral imports its resize helper from the torchvision image processor's module; the PIL
+        # module has the same function
+        stub = types.ModuleType("transformers.models.pixtral.image_processing_pixtral")
+        stub.get_resize_output_image_size = pil.get_resize_output_image_size
+        sys.modules.setdefault(stub.__name__, stub)
+    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    folder = Path(folder)
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                       **{k: v for k, v in json.loads((folder / "tokenizer_config.json")
+                                                                      .read_text()).items() if k.endswith("_token") and v})
+    settings = json.loads((folder / "processor_config.json").read_text())
+    image_processor = T.PixtralImageProcessorPil.from_pretrained(folder)
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return PixtralProcessor(image_processor=image_processor, tokenizer=hf_tok, chat_template=PIXTRAL_TEMPLATE,
+                                  patch_size=settings["patch_size"], spatial_merge_size=settings["spatial_merge_size"])
+
+
+def hf_pixtral(folder: Path):
+    import transformers as T
+    kind = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    Model = T.LlavaForConditionalGeneration if kind == "llava" else T.Mistral3ForConditionalGeneration
+    return Model.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",

@@ -2,7 +2,8 @@
 
 Design decisions (after vLLM's model registry and mlx-vlm's `get_model_and_args`):
 - One line per name; the module is imported only when a checkpoint names it.
-- `model_type` decides first, as transformers' Auto classes do; `architectures[0]` is the
+- `model_type` decides first, as transformers' Auto classes do, with the vision tower's model_type as the
+  tie-breaker where one HF class holds towers of several families (`VISION_MODEL_TYPES`); `architectures[0]` is the
   fallback for a config without a known model_type. The original LLaVA repo's configs (a
   plain LM config plus `mm_*` keys) are recognised by `mm_vision_tower`.
 - An unknown model is refused with the list of what is supported.
@@ -31,7 +32,14 @@ MODEL_TYPES = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
     "qwen3_vl": "qwen3_vl",
+    "internvl": "internvl",
+    "mistral3": "pixtral",
     "mllama": "mllama",
+}
+# (model_type, vision_config.model_type) -> family, before MODEL_TYPES: one HF class holding towers that
+# different families run (Pixtral-12B is a LlavaForConditionalGeneration with a pixtral vision_config)
+VISION_MODEL_TYPES = {
+    ("llava", "pixtral"): "pixtral",
 }
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -45,6 +53,8 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "InternVLForConditionalGeneration": "internvl",
+    "Mistral3ForConditionalGeneration": "pixtral",
     "MllamaForConditionalGeneration": "mllama",
 }
 # what the error lists: family -> the model types it reads
@@ -54,6 +64,8 @@ SUPPORTED = {
     "text_only": "text-only llama, mistral, qwen2",
     "qwen2_vl": "Qwen2-VL and Qwen2.5-VL (qwen2_vl, qwen2_5_vl)",
     "qwen3_vl": "Qwen3-VL, images (qwen3_vl)",
+    "internvl": "InternVL 2.5 / 3 as transformers ports it (internvl)",
+    "pixtral": "Pixtral-12B (llava with a pixtral vision_config) and Mistral 3 (mistral3)",
     "mllama": "Llama 3.2 Vision (mllama)",
 }
 
@@ -69,6 +81,10 @@ def family_name(raw: dict) -> str:
     if "mm_vision_tower" in raw:
         return "llava"
     model_type = raw.get("model_type")
+    vision = raw.get("vision_config")
+    vision_type = vision.get("model_type") if isinstance(vision, dict) else None
+    if (model_type, vision_type) in VISION_MODEL_TYPES:
+        return VISION_MODEL_TYPES[(model_type, vision_type)]
     if model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
     architectures = raw.get("architectures") or []

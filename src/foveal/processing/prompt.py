@@ -415,8 +415,11 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: Tokenizer, template: str | None, image_token_id: int | None,
                  tokens_per_image: int, image_token: str = IMAGE_PLACEHOLDER, video_token: str | None = None,
-                 video_token_id: int | None = None):
+                 video_token_id: int | None = None, image_open: str = "", image_close: str = ""):
+        """image_open / image_close: text written around each image's expanded run of image tokens (InternVL's
+        `<img>` ... `</img>`), where the processor adds them and the chat template does not."""
         self.tokenizer = tokenizer
+        self.image_open, self.image_close = image_open, image_close
         self.template = template or LLAVA_15_TEMPLATE
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
@@ -429,10 +432,13 @@ class PromptBuilder:
 
     def build(self, messages, n_images: int, add_generation_prompt: bool = True,
               track_assistant: bool = False, image_tokens: list[int] | None = None,
-              video_tokens: list[int] | None = None) -> PromptInputs:
+              video_tokens: list[int] | None = None, image_texts: list[str] | None = None) -> PromptInputs:
         """image_tokens: the token count of each image, in prompt order, where it depends on the image
         (LLaVA-NeXT); by default every image takes tokens_per_image. video_tokens: each video's count (a
-        model with a video placeholder token); `PromptInputs.media` then says which slots are which."""
+        model with a video placeholder token); `PromptInputs.media` then says which slots are which.
+        image_texts: what each image placeholder becomes, where that is more than image_tokens copies of the
+        image token (Pixtral's rows of image tokens, each ended by a break token); image_tokens then counts
+        the image tokens in it."""
         rendered = self.render(messages, add_generation_prompt)
         text = rendered.text
         n_placeholders = text.count(self.image_token)
@@ -449,13 +455,18 @@ class PromptBuilder:
         counts = [self.tokens_per_image] * n_images if image_tokens is None else list(image_tokens)
         if len(counts) != n_images:
             raise PromptError(f"{len(counts)} image token count(s) for {n_images} image(s)")
+        if image_texts is not None and len(image_texts) != n_images:
+            raise PromptError(f"{len(image_texts)} image text(s) for {n_images} image(s)")
         add_special = not (self.tokenizer.special.get("bos_token")
                            and text.startswith(self.tokenizer.special["bos_token"]))
         if self.image_token_id is not None:
             slots = _placeholders(text, self.image_token, self.video_token, iter(counts), iter(videos))
+            texts = iter(image_texts) if image_texts is not None else None
+            slots = [(start, token, n, next(texts) if texts is not None and token == self.image_token
+                      else self._expansion(token, n)) for start, token, n in slots]
             expanded, at = [], 0
-            for start, token, n in slots:
-                expanded += [text[at:start], token * n]
+            for start, token, n, replacement in slots:
+                expanded += [text[at:start], replacement]
                 at = start + len(token)
             enc = self.tokenizer.tok.encode("".join(expanded) + text[at:], add_special_tokens=add_special)
             ids = enc.ids
@@ -466,12 +477,17 @@ class PromptBuilder:
                                   f"found {sum(mask)}: the text itself contains the image or video token")
             assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, slots)) \
                 if track_assistant else None
-            media = ["image" if token == self.image_token else "video" for _, token, _ in slots]
+            media = ["image" if token == self.image_token else "video" for _, token, _, _ in slots]
         else:
             ids, mask, assistant = self._splice(text, add_special, rendered.generation_spans, track_assistant,
                                                 counts)
             media = ["image"] * n_images
         return PromptInputs(ids, mask, n_images, text, assistant, media)
+
+    def _expansion(self, token: str, n: int) -> str:
+        if token == self.image_token:
+            return self.image_open + token * n + self.image_close
+        return token * n
 
     def _splice(self, text, add_special, spans, track, counts):
         ids, mask, assistant, offset = [], [], [], 0
@@ -505,10 +521,11 @@ def _placeholders(text, image_token, video_token, image_counts, video_counts) ->
 
 
 def _shift_spans(spans, slots):
-    """Generation spans in the unexpanded text -> spans in the expanded text (a placeholder grows by n - 1
-    copies of itself)."""
+    """Generation spans in the unexpanded text -> spans in the expanded text (a placeholder grows into its
+    replacement)."""
     def grow(pos):
-        return sum(len(token) * (n - 1) for start, token, n in slots if start + len(token) <= pos)
+        return sum(len(replacement) - len(token) for start, token, _, replacement in slots
+                   if start + len(token) <= pos)
     return [(a + grow(a), b + grow(b)) for a, b in spans]
 
 
