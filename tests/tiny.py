@@ -700,3 +700,130 @@ def hf_mllama_processor(folder: Path):
 def hf_mllama(folder: Path):
     import transformers as T
     return T.MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# ---- Gemma 3 ---------------------------------------------------------------------------------
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"]   # Gemma's order where it has one: pad 0, eos 1, bos 2
+# Gemma 3's chat template (google/gemma-3-4b-it), image parts as <start_of_image>
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+GEMMA3_TOKENS = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+
+
+def _gemma3_tokenizer(folder: Path) -> dict:
+    """A byte-level BPE with Gemma's specials and a <bos> post-processor (Gemma's tokenizer adds one)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=GEMMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3 + ["\n\n model user <start_of_turn> <end_of_turn>"] * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    cfg = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+           "tokenizer_class": "GemmaTokenizer", **GEMMA3_TOKENS}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return {"vocab_size": tok.get_vocab_size(), **{t: tok.token_to_id(t) for t in GEMMA3_SPECIALS}}
+
+
+def build_gemma3(folder: Path, *, tie=True, seed=0, sliding_window=8, image_size=32, patch=8, mm_tokens=4,
+                 layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                 rope_scaling=None) -> Path:
+    """Save a tiny Gemma3ForConditionalGeneration (+ its image processor and chat template): a 2-layer SigLIP
+    over 32-px images in 8-px patches (4x4, average-pooled to 2x2 = `mm_tokens` soft tokens), a 3-layer Gemma 3
+    decoder (sliding, global, sliding; window 8, shorter than every prompt) with head_dim 16, query_pre_attn_scalar
+    24, a linearly scaled global RoPE (factor 8, as gemma-3-4b) and the local base 10,000."""
+    import transformers as T
+    folder = Path(folder)
+    vocab = _gemma3_tokenizer(folder)
+    rope = {"full_attention": rope_scaling or {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    text = T.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                              vocab_size=vocab["vocab_size"], max_position_embeddings=512,
+                              sliding_window=sliding_window, layer_types=list(layer_types), rope_parameters=rope,
+                              bos_token_id=vocab["<bos>"], eos_token_id=[vocab["<eos>"], vocab["<end_of_turn>"]],
+                              pad_token_id=vocab["<pad>"], tie_word_embeddings=tie, initializer_range=0.1)
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=image_size, patch_size=patch, vision_use_head=False,
+                                  initializer_range=0.1)
+    cfg = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens,
+                         boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
+                         image_token_index=vocab["<image_soft_token>"], tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = T.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():       # HF zeroes the (1 + w) norms and the projection: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name and "vision" not in name:
+                p.normal_(0, 0.3)
+            elif "language_model" in name:     # small weights: greedy text that does not repeat one token
+                p.normal_(0, 0.02)
+            elif "mm_input_projection_weight" in name:
+                p.normal_(0, 0.3)
+            elif "vision" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    image_processor = T.Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(GEMMA3_TEMPLATE)
+    return folder
+
+
+def hf_gemma3_processor(folder: Path):
+    import transformers as T
+    folder = Path(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                       **{k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
+                                       extra_special_tokens={k: config[k] for k in GEMMA3_TOKENS})
+    mm_tokens = json.loads((folder / "config.json").read_text())["mm_tokens_per_image"]
+    return T.Gemma3Processor(image_processor=T.Gemma3ImageProcessorPil.from_pretrained(folder), tokenizer=hf_tok,
+                             chat_template=GEMMA3_TEMPLATE, image_seq_length=mm_tokens)
+
+
+def hf_gemma3(folder: Path):
+    import transformers as T
+    return T.Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()

@@ -35,6 +35,7 @@ MODEL_TYPES = {
     "internvl": "internvl",
     "mistral3": "pixtral",
     "mllama": "mllama",
+    "gemma3": "gemma3",
 }
 # (model_type, vision_config.model_type) -> family, before MODEL_TYPES: one HF class holding towers that
 # different families run (Pixtral-12B is a LlavaForConditionalGeneration with a pixtral vision_config)
@@ -56,6 +57,7 @@ ARCHITECTURES = {
     "InternVLForConditionalGeneration": "internvl",
     "Mistral3ForConditionalGeneration": "pixtral",
     "MllamaForConditionalGeneration": "mllama",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 # what the error lists: family -> the model types it reads
 SUPPORTED = {
@@ -67,6 +69,7 @@ SUPPORTED = {
     "internvl": "InternVL 2.5 / 3 as transformers ports it (internvl)",
     "pixtral": "Pixtral-12B (llava with a pixtral vision_config) and Mistral 3 (mistral3)",
     "mllama": "Llama 3.2 Vision (mllama)",
+    "gemma3": "Gemma 3 with its SigLIP tower, images (gemma3)",
 }
 
 
