@@ -23,6 +23,7 @@ from tiny import (QWEN_TEMPLATE, _text_config, build_llava, build_llava_next, bu
                   write_tokenizer)
 from tiny import build_internvl, build_pixtral
 from tiny import build_mllama
+from tiny import build_gemma3
 
 
 def build_text(folder):
@@ -45,11 +46,13 @@ BUILDERS = {
     "pixtral": lambda f: build_pixtral(f, kind="llava"),
     "mistral3": lambda f: build_pixtral(f, kind="mistral3"),
     "mllama": build_mllama,
+    "gemma3": build_gemma3,
 }
 MODULE_OF = {"llava": "llava", "llava_next": "llava", "text_only": "text_only", "qwen2_vl": "qwen2_vl",
              "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "internvl": "internvl",
              "pixtral": "pixtral", "mistral3": "pixtral",
-             "mllama": "mllama"}       # the family module each builder's checkpoint goes to
+             "mllama": "mllama",
+             "gemma3": "gemma3"}       # the family module each builder's checkpoint goes to
 FAMILY_OF = {k: "text" if v == "text_only" else v for k, v in MODULE_OF.items()}   # its NAME
 
 

@@ -85,7 +85,7 @@ class Gemma3Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(attn.kv_len - T, k, v)                         # (B, KV, S, hd)
             first = 0
-            if T == 1 and self.window is not None and attn.kv_len > self.window:
+            if T == 1 and attn.mask is None and self.window is not None and attn.kv_len > self.window:
                 first = attn.kv_len - self.window   # a decode step: the last `window` slots, itself included
             k, v = k[:, :, first:attn.kv_len], v[:, :, first:attn.kv_len]
         if T == 1 and attn.mask is None and not attn.is_causal:
