@@ -21,6 +21,7 @@ from foveal.plan import plan
 from live_server import MODEL, LiveServer
 from tiny import (QWEN_TEMPLATE, _text_config, build_llava, build_llava_next, build_qwen2_vl, build_qwen3_vl,
                   write_tokenizer)
+from tiny import build_llava_onevision
 
 
 def build_text(folder):
@@ -39,9 +40,11 @@ BUILDERS = {
     "qwen2_vl": lambda f: build_qwen2_vl(f, kind="qwen2_vl"),
     "qwen2_5_vl": lambda f: build_qwen2_vl(f, kind="qwen2_5_vl"),
     "qwen3_vl": build_qwen3_vl,
+    "llava_onevision": lambda f: build_llava_onevision(f),
 }
 MODULE_OF = {"llava": "llava", "llava_next": "llava", "text_only": "text_only", "qwen2_vl": "qwen2_vl",
-             "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl"}       # the family module each builder's checkpoint goes to
+             "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl",
+             "llava_onevision": "llava_onevision"}       # the family module each builder's checkpoint goes to
 FAMILY_OF = {k: "text" if v == "text_only" else v for k, v in MODULE_OF.items()}   # its NAME
 
 

@@ -106,9 +106,10 @@ class OnevisionConfig(C.VLMConfig):
     def image_layout(self, size: tuple[int, int]) -> OnevisionLayout:
         tiles = super().image_layout(size)
         rows, cols = downscaled(*tiles.unpadded, self.grid, self.feature_budget)
-        if rows < 1 or cols < 1:
-            raise ConfigError(f"an image of {size[1]}x{size[0]} px leaves a {rows}x{cols} feature grid under "
-                              f"vision_aspect_ratio {self.vision_aspect_ratio!r}: raise its N")
+        if (rows, cols) != tiles.unpadded and min(rows, cols) < 1:     # (unpadding alone may leave 0 columns)
+            raise ConfigError(f"an image of {size[1]}x{size[0]} px would downscale to a {rows}x{cols} feature grid "
+                              f"under vision_aspect_ratio {self.vision_aspect_ratio!r} (transformers fails on it "
+                              f"too); raise its N")
         return OnevisionLayout(tiles, rows, cols)
 
     def image_tokens(self, size: tuple[int, int], tiled: bool = True) -> int:
