@@ -29,7 +29,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(folder):
-    return foveal.load(folder, dtype="float32"), tiny.hf_llava_onevision(folder), tiny.hf_llava_onevision_processor(folder)
+    return (foveal.load(folder, dtype="float32"), tiny.hf_llava_onevision(folder),
+            tiny.hf_llava_onevision_processor(folder))
 
 
 def hf_inputs(processor, messages):
@@ -179,3 +180,22 @@ def test_video_is_refused_by_name(models):
     with pytest.raises(foveal.errors.PromptError, match="does not take video"):
         vlm.generate([{"role": "user", "content": [{"type": "video", "video": [photo(30, 30, 1)] * 2},
                                                    {"type": "text", "text": "hi"}]}], max_tokens=2)
+
+
+def test_counts_at_the_real_geometry_match_hf():
+    """The shipped geometry (36 pinpoints of 384-px tiles, 27x27 features from 14-px patches, anyres_max_9):
+    counts equal LlavaOnevisionProcessor's arithmetic, and max_image_tokens bounds every one, though the
+    most comes from a grid trimmed to just within the budget, not from a pinpoint."""
+    import types
+    from transformers import LlavaOnevisionProcessor as P
+    from foveal.models.families import llava_onevision as ov
+    cfg = ov.config({"model_type": "llava_onevision", "text_config": {"model_type": "qwen2"}})
+    hf = types.SimpleNamespace(image_processor=types.SimpleNamespace(
+        image_grid_pinpoints=[list(p) for p in ov.ONEVISION_PINPOINTS]), num_image_tokens=729,
+        vision_aspect_ratio="anyres_max_9")
+    hf._get_unpadded_features = types.MethodType(P._get_unpadded_features, hf)
+    rng = np.random.default_rng(1)
+    sizes = [(int(a), int(b)) for a, b in rng.integers(8, 4000, size=(500, 2))] + [(2304, 720), (384, 384)]
+    ours = [cfg.image_tokens(s) for s in sizes]
+    assert ours == [P._get_number_of_features(hf, h, w, 384, 384) for h, w in sizes]
+    assert max(ours) <= cfg.max_image_tokens == 8829 > max(cfg.image_tokens(p) for p in ov.ONEVISION_PINPOINTS)

@@ -124,7 +124,8 @@ class OnevisionConfig(C.VLMConfig):
         g, s, most = self.grid, self.vision.image_size, 0
         for h, w in self.image_grid_pinpoints:
             rows, cols = h // s * g, w // s * g
-            shapes = {(rows, cols - 2 * p) for p in range(cols // 2 + 1)} | {(rows - 2 * p, cols) for p in range(rows // 2 + 1)}
+            shapes = ({(rows, cols - 2 * p) for p in range(cols // 2 + 1)}
+                      | {(rows - 2 * p, cols) for p in range(rows // 2 + 1)})
             for r, c in shapes:
                 if r > 0 and c > 0:
                     r, c = downscaled(r, c, g, self.feature_budget)
