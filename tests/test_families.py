@@ -24,6 +24,7 @@ from tiny import (QWEN_TEMPLATE, _text_config, build_llava, build_llava_next, bu
 from tiny import build_internvl, build_pixtral
 from tiny import build_mllama
 from tiny import build_gemma3
+from tiny import build_llava_onevision
 
 
 def build_text(folder):
@@ -47,12 +48,14 @@ BUILDERS = {
     "mistral3": lambda f: build_pixtral(f, kind="mistral3"),
     "mllama": build_mllama,
     "gemma3": build_gemma3,
+    "llava_onevision": lambda f: build_llava_onevision(f),
 }
 MODULE_OF = {"llava": "llava", "llava_next": "llava", "text_only": "text_only", "qwen2_vl": "qwen2_vl",
              "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "internvl": "internvl",
              "pixtral": "pixtral", "mistral3": "pixtral",
              "mllama": "mllama",
-             "gemma3": "gemma3"}       # the family module each builder's checkpoint goes to
+             "gemma3": "gemma3",
+             "llava_onevision": "llava_onevision"}       # the family module each builder's checkpoint goes to
 FAMILY_OF = {k: "text" if v == "text_only" else v for k, v in MODULE_OF.items()}   # its NAME
 
 

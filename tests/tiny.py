@@ -827,3 +827,73 @@ def hf_gemma3_processor(folder: Path):
 def hf_gemma3(folder: Path):
     import transformers as T
     return T.Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# LLaVA-OneVision: 30-px SigLIP tiles in 7-px patches (a 4x4 grid: the conv floors, as 384 / 14 does on the real
+# model), tile grids up to 3x3, and a budget of 4 tiles' features (anyres_max_4) so a 3x3 grid is downscaled
+ONEVISION_PINPOINTS = [[30, 30], [30, 60], [60, 30], [60, 60], [30, 90], [90, 30], [60, 90], [90, 60], [90, 90]]
+# llava-hf/llava-onevision-qwen2-*-hf's chat template (chat_template.json), as the hub ships it
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_llava_onevision(folder: Path, *, seed=0, tie=False, pinpoints=ONEVISION_PINPOINTS,
+                          aspect="anyres_max_4", feature_layer=-1, strategy="full") -> Path:
+    """Save a tiny LlavaOnevisionForConditionalGeneration (SigLIP tower, Qwen2 LM) + its image processor and
+    chat template (the full processor wants torchvision for its video half: see hf_llava_onevision_processor)."""
+    import transformers as T
+    folder = Path(folder)
+    vocab = write_tokenizer(folder, "qwen2")
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=30, patch_size=7, vision_use_head=False, initializer_range=0.1)
+    cfg = T.LlavaOnevisionConfig(vision_config=vision, text_config=_text_config("qwen2", vocab, tie),
+                                 image_token_index=vocab["<image>"], image_grid_pinpoints=pinpoints,
+                                 vision_aspect_ratio=aspect, vision_feature_layer=feature_layer,
+                                 vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = T.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():       # a visible newline vector, and a tower whose output is not near zero
+        model.model.image_newline.normal_(0, 1.0)
+        for name, p in model.named_parameters():
+            if "vision_tower" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    T.LlavaOnevisionImageProcessorPil(size={"height": 30, "width": 30}, image_grid_pinpoints=pinpoints,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (30 // 7) ** 2,
+        "vision_feature_select_strategy": strategy, "vision_aspect_ratio": aspect, "image_token": "<image>"}))
+    (folder / "chat_template.jinja").write_text(ONEVISION_TEMPLATE)
+    return folder
+
+
+def hf_llava_onevision_processor(folder: Path):
+    """transformers' LlavaOnevisionProcessor over the saved tokenizer and image processor, without a video
+    processor (its class check imports torchvision, which the tests do without)."""
+    from unittest import mock
+    import transformers as T
+    folder = Path(folder)
+    hf_tok = T.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                       **{k: v for k, v in json.loads((folder / "tokenizer_config.json").read_text())
+                                          .items() if k.endswith("_token") and v})
+    settings = json.loads((folder / "processor_config.json").read_text())
+    image_processor = T.LlavaOnevisionImageProcessorPil.from_pretrained(folder)
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return T.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=hf_tok, video_processor=None,
+                                         chat_template=ONEVISION_TEMPLATE,
+                                         num_image_tokens=settings["num_image_tokens"],
+                                         vision_feature_select_strategy=settings["vision_feature_select_strategy"],
+                                         vision_aspect_ratio=settings["vision_aspect_ratio"])
+
+
+def hf_llava_onevision(folder: Path):
+    import transformers as T
+    return T.LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()

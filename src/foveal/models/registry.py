@@ -26,6 +26,7 @@ MODEL_TYPES = {
     "llava_mistral": "llava",
     "llava_qwen": "llava",
     "llava_qwen2": "llava",
+    "llava_onevision": "llava_onevision",
     "llama": "text_only",
     "mistral": "text_only",
     "qwen2": "text_only",
@@ -48,6 +49,7 @@ ARCHITECTURES = {
     "LlavaLlamaForCausalLM": "llava",
     "LlavaMistralForCausalLM": "llava",
     "LlavaQwenForCausalLM": "llava",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "LlamaForCausalLM": "text_only",
     "MistralForCausalLM": "text_only",
     "Qwen2ForCausalLM": "text_only",
@@ -63,6 +65,7 @@ ARCHITECTURES = {
 SUPPORTED = {
     "llava": "LLaVA-1.5 and LLaVA-NeXT (llava, llava_next; CLIP / SigLIP towers with llama / mistral / qwen2), "
              "the original LLaVA repo (llava_llama, llava_mistral, llava_qwen)",
+    "llava_onevision": "LLaVA-OneVision, images (llava_onevision; SigLIP / CLIP towers with qwen2 / llama / mistral)",
     "text_only": "text-only llama, mistral, qwen2",
     "qwen2_vl": "Qwen2-VL and Qwen2.5-VL (qwen2_vl, qwen2_5_vl)",
     "qwen3_vl": "Qwen3-VL, images (qwen3_vl)",

@@ -127,14 +127,25 @@ def tile_views(rgb: Image.Image, pinpoints, tile: int, base: int, resample: int)
     return views
 
 
-def pack(features: torch.Tensor, lay: AnyresLayout, newline: torch.Tensor) -> torch.Tensor:
-    """Projected features of [base, tiles...] (1 + rows*cols, grid*grid, D) -> the image's token rows (T, D)."""
+def stitch(features: torch.Tensor, lay: AnyresLayout) -> torch.Tensor:
+    """Projected features of [base, tiles...] (1 + rows*cols, grid*grid, D) -> the tiles' patch grids stitched
+    into one, the rows or columns that only saw padding removed: (rows', cols', D)."""
     rows, cols = lay.tiles
     g, d = lay.grid, features.shape[-1]
     if features.shape[0] != 1 + rows * cols or features.shape[1] != g * g:
         raise ConfigError(f"anyres features {tuple(features.shape)} do not match {rows}x{cols} tiles of "
                           f"{g}x{g} patches (a vision tower without a square patch grid cannot tile)")
     x = features[1:].view(rows, cols, g, g, d).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, d)
-    x = x[lay.keep_rows[0]:lay.keep_rows[1], lay.keep_cols[0]:lay.keep_cols[1]]
-    nl = newline.to(x.dtype).expand(x.shape[0], 1, d)
-    return torch.cat([features[0], torch.cat([x, nl], dim=1).reshape(-1, d)])
+    return x[lay.keep_rows[0]:lay.keep_rows[1], lay.keep_cols[0]:lay.keep_cols[1]]
+
+
+def with_newlines(base: torch.Tensor, grid: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """The base view's rows (P, D), then the grid's (rows, cols, D) row by row, a newline vector after each."""
+    d = grid.shape[-1]
+    nl = newline.to(grid.dtype).expand(grid.shape[0], 1, d)
+    return torch.cat([base, torch.cat([grid, nl], dim=1).reshape(-1, d)])
+
+
+def pack(features: torch.Tensor, lay: AnyresLayout, newline: torch.Tensor) -> torch.Tensor:
+    """Projected features of [base, tiles...] (1 + rows*cols, grid*grid, D) -> the image's token rows (T, D)."""
+    return with_newlines(features[0], stitch(features, lay), newline)
