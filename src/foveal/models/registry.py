@@ -31,6 +31,8 @@ MODEL_TYPES = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
     "qwen3_vl": "qwen3_vl",
+    "idefics3": "idefics3",
+    "smolvlm": "idefics3",
 }
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -44,6 +46,8 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",
 }
 # what the error lists: family -> the model types it reads
 SUPPORTED = {
@@ -52,6 +56,7 @@ SUPPORTED = {
     "text_only": "text-only llama, mistral, qwen2",
     "qwen2_vl": "Qwen2-VL and Qwen2.5-VL (qwen2_vl, qwen2_5_vl)",
     "qwen3_vl": "Qwen3-VL, images (qwen3_vl)",
+    "idefics3": "Idefics3 and SmolVLM, images (idefics3, smolvlm)",
 }
 
 

@@ -429,10 +429,13 @@ class PromptBuilder:
 
     def build(self, messages, n_images: int, add_generation_prompt: bool = True,
               track_assistant: bool = False, image_tokens: list[int] | None = None,
-              video_tokens: list[int] | None = None) -> PromptInputs:
+              video_tokens: list[int] | None = None, image_texts: list[str] | None = None) -> PromptInputs:
         """image_tokens: the token count of each image, in prompt order, where it depends on the image
         (LLaVA-NeXT); by default every image takes tokens_per_image. video_tokens: each video's count (a
-        model with a video placeholder token); `PromptInputs.media` then says which slots are which."""
+        model with a video placeholder token); `PromptInputs.media` then says which slots are which.
+        image_texts: what each image placeholder becomes, in prompt order, where that is more than the image
+        token repeated (Idefics3's tile markers around each tile's image tokens); image_tokens then gives
+        the image tokens each text holds."""
         rendered = self.render(messages, add_generation_prompt)
         text = rendered.text
         n_placeholders = text.count(self.image_token)
@@ -453,9 +456,14 @@ class PromptBuilder:
                            and text.startswith(self.tokenizer.special["bos_token"]))
         if self.image_token_id is not None:
             slots = _placeholders(text, self.image_token, self.video_token, iter(counts), iter(videos))
+            if image_texts is not None and len(image_texts) != n_images:
+                raise PromptError(f"{len(image_texts)} image text(s) for {n_images} image(s)")
+            texts = iter(image_texts or ())
+            slots = [(start, token, n, next(texts) if image_texts is not None and token == self.image_token
+                      else token * n) for start, token, n in slots]
             expanded, at = [], 0
-            for start, token, n in slots:
-                expanded += [text[at:start], token * n]
+            for start, token, n, replacement in slots:
+                expanded += [text[at:start], replacement]
                 at = start + len(token)
             enc = self.tokenizer.tok.encode("".join(expanded) + text[at:], add_special_tokens=add_special)
             ids = enc.ids
@@ -466,7 +474,7 @@ class PromptBuilder:
                                   f"found {sum(mask)}: the text itself contains the image or video token")
             assistant = _span_mask(enc.offsets, _shift_spans(rendered.generation_spans, slots)) \
                 if track_assistant else None
-            media = ["image" if token == self.image_token else "video" for _, token, _ in slots]
+            media = ["image" if token == self.image_token else "video" for _, token, _, _ in slots]
         else:
             ids, mask, assistant = self._splice(text, add_special, rendered.generation_spans, track_assistant,
                                                 counts)
@@ -505,10 +513,10 @@ def _placeholders(text, image_token, video_token, image_counts, video_counts) ->
 
 
 def _shift_spans(spans, slots):
-    """Generation spans in the unexpanded text -> spans in the expanded text (a placeholder grows by n - 1
-    copies of itself)."""
+    """Generation spans in the unexpanded text -> spans in the expanded text (a placeholder grows into its
+    replacement)."""
     def grow(pos):
-        return sum(len(token) * (n - 1) for start, token, n in slots if start + len(token) <= pos)
+        return sum(len(rep) - len(token) for start, token, _, rep in slots if start + len(token) <= pos)
     return [(a + grow(a), b + grow(b)) for a, b in spans]
 
 
