@@ -21,6 +21,7 @@ from foveal.plan import plan
 from live_server import MODEL, LiveServer
 from tiny import (QWEN_TEMPLATE, _text_config, build_llava, build_llava_next, build_qwen2_vl, build_qwen3_vl,
                   write_tokenizer)
+from tiny import build_idefics3
 
 
 def build_text(folder):
@@ -39,9 +40,12 @@ BUILDERS = {
     "qwen2_vl": lambda f: build_qwen2_vl(f, kind="qwen2_vl"),
     "qwen2_5_vl": lambda f: build_qwen2_vl(f, kind="qwen2_5_vl"),
     "qwen3_vl": build_qwen3_vl,
+    "idefics3": lambda f: build_idefics3(f, kind="idefics3"),
+    "smolvlm": lambda f: build_idefics3(f, kind="smolvlm", longest_edge=64),
 }
 MODULE_OF = {"llava": "llava", "llava_next": "llava", "text_only": "text_only", "qwen2_vl": "qwen2_vl",
              "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl"}       # the family module each builder's checkpoint goes to
+MODULE_OF |= {"idefics3": "idefics3", "smolvlm": "idefics3"}
 FAMILY_OF = {k: "text" if v == "text_only" else v for k, v in MODULE_OF.items()}   # its NAME
 
 
