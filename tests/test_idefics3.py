@@ -211,3 +211,15 @@ def test_processor_config_reads_hf_keys():
     assert grid(1000, 3000, cfg) == (0, 0)
     with pytest.raises(ConfigError, match="size.longest_edge must be a positive integer"):
         Idefics3ImageConfig.from_hf({"size": {"longest_edge": 0}})
+
+
+def test_a_tied_head_matches_transformers(tmp_path):
+    folder = build_idefics3(tmp_path / "tied", kind="smolvlm", tie=True, longest_edge=64)
+    ours, hf, processor = foveal.load(str(folder), dtype="float32"), hf_idefics3(folder), hf_idefics3_processor(folder)
+    assert ours.model.lm_head.weight is ours.model.language_model.embed_tokens.weight
+    image = _image((120, 80), 5)
+    messages = _ask("hi", image)
+    ref_inputs = _hf_inputs(processor, messages, [image])
+    with torch.no_grad():
+        ref = hf(**ref_inputs).logits[0]
+    assert (ours.prompt_logits(messages)[1] - ref).abs().max().item() <= 1e-4
