@@ -25,6 +25,7 @@ from tiny import build_internvl, build_pixtral
 from tiny import build_mllama
 from tiny import build_gemma3
 from tiny import build_llava_onevision
+from tiny import build_idefics3
 
 
 def build_text(folder):
@@ -49,13 +50,15 @@ BUILDERS = {
     "mllama": build_mllama,
     "gemma3": build_gemma3,
     "llava_onevision": lambda f: build_llava_onevision(f),
+    "idefics3": lambda f: build_idefics3(f, kind="idefics3"),
+    "smolvlm": lambda f: build_idefics3(f, kind="smolvlm", longest_edge=64),
 }
 MODULE_OF = {"llava": "llava", "llava_next": "llava", "text_only": "text_only", "qwen2_vl": "qwen2_vl",
              "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "internvl": "internvl",
              "pixtral": "pixtral", "mistral3": "pixtral",
              "mllama": "mllama",
              "gemma3": "gemma3",
-             "llava_onevision": "llava_onevision"}       # the family module each builder's checkpoint goes to
+             "llava_onevision": "llava_onevision", "idefics3": "idefics3", "smolvlm": "idefics3"}       # the family module each builder's checkpoint goes to
 FAMILY_OF = {k: "text" if v == "text_only" else v for k, v in MODULE_OF.items()}   # its NAME
 
 

@@ -176,9 +176,9 @@ def test_extreme_aspect_image_is_refused_and_the_model_keeps_answering(pair):
 
 def test_unknown_family_lists_what_is_supported():
     with pytest.raises(UnsupportedModelError) as info:
-        foveal.models.registry.family_for({"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]})
+        foveal.models.registry.family_for({"model_type": "no_such_vlm", "architectures": ["NoSuchVLMForConditionalGeneration"]})
     msg = str(info.value)
-    assert "'idefics3'" in msg and "Qwen2-VL" in msg and "LLaVA" in msg and "text-only" in msg
+    assert "'no_such_vlm'" in msg and "Qwen2-VL" in msg and "LLaVA" in msg and "text-only" in msg
 
 
 # ---- a request's image-token budget ------------------------------------------------------------

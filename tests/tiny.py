@@ -897,3 +897,106 @@ def hf_llava_onevision_processor(folder: Path):
 def hf_llava_onevision(folder: Path):
     import transformers as T
     return T.LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# SmolVLM's chat template (transformers' SmolVLMProcessor DEFAULT_CHAT_TEMPLATE: string or typed content)
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'] is string %}"
+    "{{': ' + message['content']}}{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}"
+    "{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+IDEFICS3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                     "<global-img>", *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+
+
+def write_idefics3_tokenizer(folder: Path) -> dict:
+    """A byte-level BPE with Idefics3 / SmolVLM's image tokens (tiles up to 6x6), no BOS added."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=IDEFICS3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return {"vocab_size": tok.get_vocab_size(), **{t: tok.token_to_id(t) for t in IDEFICS3_SPECIALS}}
+
+
+def build_idefics3(folder: Path, *, kind="idefics3", tie=False, seed=0, longest_edge=96, tile=32) -> Path:
+    """Save a tiny Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration (+ its image processor,
+    chat template and, for idefics3, the whole Idefics3Processor): a 2-layer SigLIP over 8-px patches of
+    32-px frames, scale factor 2 (4 tokens a frame), a 2-layer Llama; images resized to `longest_edge` and
+    cut into `tile`-px tiles (up to 3x3 + the global view by default)."""
+    import transformers as T
+    folder = Path(folder)
+    vocab = write_idefics3_tokenizer(folder)
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab["vocab_size"],
+                max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=tie, initializer_range=0.1,
+                bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<end_of_utterance>"],
+                pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, initializer_range=0.1)
+    Config, Model = ((T.Idefics3Config, T.Idefics3ForConditionalGeneration) if kind == "idefics3"
+                     else (T.SmolVLMConfig, T.SmolVLMForConditionalGeneration))
+    cfg = Config(text_config=text, vision_config=vision, scale_factor=2, image_token_id=vocab["<image>"],
+                 tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = Model(cfg).eval()
+    with torch.no_grad():       # make images matter; layer norms other than ones and zeros
+        for name, p in model.named_parameters():
+            if "vision_model" in name and p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif "vision_model" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    ImageProcessor = T.Idefics3ImageProcessorPil if kind == "idefics3" else T.SmolVLMImageProcessorPil
+    image_processor = ImageProcessor(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile})
+    seq_len = (tile // 8) ** 2 // 4
+    if kind == "idefics3":
+        hf_tok = T.PreTrainedTokenizerFast.from_pretrained(folder)
+        T.Idefics3Processor(image_processor=image_processor, tokenizer=hf_tok, image_seq_len=seq_len,
+                            chat_template=SMOLVLM_TEMPLATE).save_pretrained(folder)
+    else:                       # (SmolVLMProcessor wants a video processor, i.e. torchvision, to be saved)
+        image_processor.save_pretrained(folder)
+        (folder / "chat_template.jinja").write_text(SMOLVLM_TEMPLATE)
+        (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": seq_len,
+                                                                  "processor_class": "SmolVLMProcessor"}))
+    return folder
+
+
+def hf_idefics3_processor(folder: Path):
+    """transformers' Idefics3Processor / SmolVLMProcessor over the saved files (SmolVLM's without a video
+    processor and num2words, which only its video half needs)."""
+    from unittest import mock
+    import transformers as T
+    folder = Path(folder)
+    kind = json.loads((folder / "config.json").read_text())["model_type"]
+    hf_tok = T.PreTrainedTokenizerFast.from_pretrained(folder)
+    seq_len = json.loads((folder / "processor_config.json").read_text())["image_seq_len"]
+    template = (folder / "chat_template.jinja").read_text()
+    if kind == "idefics3":
+        return T.Idefics3Processor(image_processor=T.Idefics3ImageProcessorPil.from_pretrained(folder),
+                                   tokenizer=hf_tok, image_seq_len=seq_len, chat_template=template)
+    from transformers.models.smolvlm import processing_smolvlm
+    with mock.patch.object(T.ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None), \
+            mock.patch.object(processing_smolvlm, "num2words", str):
+        processor = T.SmolVLMProcessor(image_processor=T.SmolVLMImageProcessorPil.from_pretrained(folder),
+                                       tokenizer=hf_tok, video_processor=None, image_seq_len=seq_len,
+                                       chat_template=template)
+    from types import SimpleNamespace
+    processor.video_processor = SimpleNamespace(num_frames=None, fps=None)     # apply_chat_template reads these
+    return processor
+
+
+def hf_idefics3(folder: Path):
+    import transformers as T
+    kind = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    Model = T.Idefics3ForConditionalGeneration if kind == "idefics3" else T.SmolVLMForConditionalGeneration
+    return Model.from_pretrained(folder, dtype=torch.float32).eval()

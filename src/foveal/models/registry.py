@@ -37,6 +37,8 @@ MODEL_TYPES = {
     "mistral3": "pixtral",
     "mllama": "mllama",
     "gemma3": "gemma3",
+    "idefics3": "idefics3",
+    "smolvlm": "idefics3",
 }
 # (model_type, vision_config.model_type) -> family, before MODEL_TYPES: one HF class holding towers that
 # different families run (Pixtral-12B is a LlavaForConditionalGeneration with a pixtral vision_config)
@@ -60,6 +62,8 @@ ARCHITECTURES = {
     "Mistral3ForConditionalGeneration": "pixtral",
     "MllamaForConditionalGeneration": "mllama",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",
 }
 # what the error lists: family -> the model types it reads
 SUPPORTED = {
@@ -73,6 +77,7 @@ SUPPORTED = {
     "pixtral": "Pixtral-12B (llava with a pixtral vision_config) and Mistral 3 (mistral3)",
     "mllama": "Llama 3.2 Vision (mllama)",
     "gemma3": "Gemma 3 with its SigLIP tower, images (gemma3)",
+    "idefics3": "Idefics3 and SmolVLM, images (idefics3, smolvlm)",
 }
 
 
