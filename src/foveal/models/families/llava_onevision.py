@@ -42,6 +42,7 @@ from ..interface import Checkpoint, ImageChunk, Prepared
 from ..vlm import VisionLanguageModel
 from . import llava
 from .llava import LlavaProcessor, _check_budget
+from .common import config_as_loaded
 
 NAME = "llava_onevision"
 
@@ -194,9 +195,7 @@ def hf_name(name: str, cfg: OnevisionConfig) -> str:
 def config_to_hf(cfg: OnevisionConfig, raw: dict) -> dict:
     """config.json for a checkpoint foveal writes of this model: the one it was read from (quantizing does
     not reshape the model)."""
-    if not raw:
-        raise ConfigError("writing a LLaVA-OneVision checkpoint needs the config.json it was loaded from")
-    return dict(raw)
+    return config_as_loaded(raw, "a LLaVA-OneVision")
 
 
 def describe(cfg: OnevisionConfig, processor=None) -> dict:

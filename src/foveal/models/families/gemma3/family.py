@@ -35,6 +35,7 @@ from ...vision import VisionTower
 from ...vlm import DecoderVLM
 from .config import ARCHITECTURE, NAME, Gemma3Config, config  # noqa: F401 - config is the family's
 from .text import Gemma3TextModel, GemmaRMSNorm, image_blocks
+from ..common import config_as_loaded
 
 # Gemma3ImageProcessor's class defaults (transformers 5.25, both backends)
 IMAGE_DEFAULTS = dict(size={"height": 224, "width": 224}, do_resize=True, do_rescale=True, do_normalize=True,
@@ -60,9 +61,7 @@ def hf_name(name: str, cfg: Gemma3Config) -> str:
 
 
 def config_to_hf(cfg: Gemma3Config, raw: dict) -> dict:
-    if not raw:
-        raise ConfigError("writing a Gemma 3 checkpoint needs the config.json it was loaded from")
-    return dict(raw)
+    return config_as_loaded(raw, "a Gemma 3")
 
 
 def image_config(cfg: Gemma3Config, d: dict | None) -> ImageProcessorConfig:

@@ -27,7 +27,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from ...vision import ACTIVATIONS
 from ...vlm import DecoderVLM
 from .image_processing import FAKE_TOKEN, GLOBAL_TOKEN, Idefics3ImageConfig, frame_count, grid, image_text, process_image
 from .vision import Idefics3Connector, Idefics3VisionTower
+from ..common import config_as_loaded, processor_settings
 
 NAME = "idefics3"
 ARCHITECTURES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
@@ -131,24 +131,11 @@ def hf_name(name: str, cfg: Idefics3Config) -> str:
 
 
 def config_to_hf(cfg: Idefics3Config, raw: dict) -> dict:
-    if not raw:
-        raise ConfigError(f"writing an {cfg.kind} checkpoint needs the config.json it was loaded from")
-    return dict(raw)
+    return config_as_loaded(raw, f"an {cfg.kind}")
 
 
 def build(cfg: Idefics3Config) -> "Idefics3Model":
     return Idefics3Model(cfg)
-
-
-def _processor_config(ck: Checkpoint) -> dict:
-    folder = ck.path if ck.path.is_dir() else None
-    if folder is None or not (folder / "processor_config.json").exists():
-        return {}
-    try:
-        d = json.loads((folder / "processor_config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{folder / 'processor_config.json'} is not valid JSON: {e}") from None
-    return d if isinstance(d, dict) else {}
 
 
 def processor(cfg: Idefics3Config, ck: Checkpoint, image_mode: str | None = None) -> "Idefics3Processor":
@@ -168,7 +155,7 @@ def processor(cfg: Idefics3Config, ck: Checkpoint, image_mode: str | None = None
         raise ConfigError(f"the image processor's tile (max_image_size.longest_edge {image_config.tile}) is not a "
                           f"multiple of patch_size x scale_factor = {p} (config.json)")
     seq_len = (image_config.tile // cfg.vision.patch_size) ** 2 // cfg.scale_factor ** 2
-    saved = _processor_config(ck).get("image_seq_len")
+    saved = processor_settings(ck).get("image_seq_len")
     if saved is not None and saved != seq_len:
         raise ConfigError(f"processor_config.json's image_seq_len {saved} differs from the {seq_len} tokens the "
                           f"model makes of a {image_config.tile}-px tile ((tile / patch_size)^2 / scale_factor^2)")

@@ -36,6 +36,7 @@ from ...vlm import DecoderVLM
 from .config import InternVLConfig, config  # noqa: F401  (config is the family's entry point)
 from .image_processing import TileConfig, tile_count, tile_grid, tiles
 from .vision import InternViT, MultiModalProjector, pixel_shuffle
+from ..common import config_as_loaded
 
 NAME = "internvl"
 # InternVL's tokenizer_config.json keys and the strings its checkpoints give them
@@ -59,9 +60,7 @@ def hf_name(name: str, cfg: InternVLConfig) -> str:
 
 def config_to_hf(cfg: InternVLConfig, raw: dict) -> dict:
     """config.json for a checkpoint foveal writes of this model: the one it was read from."""
-    if not raw:
-        raise ConfigError("writing an InternVL checkpoint needs the config.json it was loaded from")
-    return dict(raw)
+    return config_as_loaded(raw, "an InternVL")
 
 
 def _tokens_of(tokenizer) -> dict[str, str]:

@@ -46,6 +46,7 @@ from ...vlm import DecoderVLM
 from .decoder import MllamaTextModel
 from .image_processing import MllamaImageConfig, process_image, supported_aspect_ratios, tile_layout
 from .vision import MllamaVisionConfig, MllamaVisionModel
+from ..common import config_as_loaded
 
 NAME = "mllama"
 ARCHITECTURE = "MllamaForConditionalGeneration"
@@ -145,9 +146,7 @@ def hf_name(name: str, cfg: MllamaConfig) -> str:
 
 
 def config_to_hf(cfg: MllamaConfig, raw: dict) -> dict:
-    if not raw:
-        raise ConfigError("writing an Mllama checkpoint needs the config.json it was loaded from")
-    return dict(raw)
+    return config_as_loaded(raw, "an Mllama")
 
 
 def build(cfg: MllamaConfig) -> "MllamaModel":

@@ -20,7 +20,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from ...vlm import DecoderVLM
 from .config import PixtralConfig, config  # noqa: F401  (config is the family's entry point)
 from .image_processing import PixtralImageConfig, image_text, process_images, token_grid
 from .vision import LlavaProjector, Mistral3Projector, PixtralVisionTower
+from ..common import config_as_loaded, processor_settings
 
 NAME = "pixtral"
 TOKENS = dict(image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
@@ -55,31 +55,18 @@ def hf_name(name: str, cfg: PixtralConfig) -> str:
 
 def config_to_hf(cfg: PixtralConfig, raw: dict) -> dict:
     """config.json for a checkpoint foveal writes of this model: the one it was read from."""
-    if not raw:
-        raise ConfigError("writing a Pixtral checkpoint needs the config.json it was loaded from")
-    return dict(raw)
+    return config_as_loaded(raw, "a Pixtral")
 
 
 def build(cfg: PixtralConfig) -> "PixtralModel":
     return PixtralModel(cfg)
 
 
-def _processor_settings(ck: Checkpoint) -> dict:
-    folder = ck.path if ck.path.is_dir() else None
-    if folder is None or not (folder / "processor_config.json").exists():
-        return {}
-    try:
-        d = json.loads((folder / "processor_config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{folder / 'processor_config.json'} is not valid JSON: {e}") from None
-    return d if isinstance(d, dict) else {}
-
-
 def processor(cfg: PixtralConfig, ck: Checkpoint, image_mode: str | None = None) -> "PixtralProcessor":
     if image_mode is not None:
         raise ConfigError(f"image_mode {image_mode!r} does not apply to a Pixtral model: it keeps each image's "
                           f"aspect at its own resolution")
-    settings = _processor_settings(ck)
+    settings = processor_settings(ck)
     # PixtralProcessor's defaults are 16-px patches, no merge; without a processor_config.json the tower's own
     patch = settings.get("patch_size", cfg.vision.patch_size if not settings else 16)
     merge = settings.get("spatial_merge_size", cfg.spatial_merge_size if not settings else 1)

@@ -45,6 +45,7 @@ from .positions import rope_index
 from .image_processing import (IMAGE_DEFAULTS, QwenProcessorConfig, image_grid, image_token_count, process_image,
                                process_video, resized_size, sample_frame_indices)
 from .vision import QwenVisionTower
+from ..common import config_as_loaded
 
 NAME = "qwen2_vl"
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -131,9 +132,7 @@ def hf_name(name: str, cfg: QwenVLConfig) -> str:
 def config_to_hf(cfg: QwenVLConfig, raw: dict) -> dict:
     """config.json for a checkpoint foveal writes of this model: the one it was read from (the model is
     not reshaped by quantizing)."""
-    if not raw:
-        raise ConfigError("writing a Qwen2-VL checkpoint needs the config.json it was loaded from")
-    return dict(raw)
+    return config_as_loaded(raw, "a Qwen2-VL")
 
 
 def build(cfg: QwenVLConfig) -> "QwenVLModel":
