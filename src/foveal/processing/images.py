@@ -189,12 +189,25 @@ def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:
                          f"{limits.min_side} pixels per side")
 
 
-def _decode(data: bytes, limits: ImageLimits, origin: str) -> Image.Image:
+def probe_image(data: bytes, limits: ImageLimits | None = None, origin: str = "image data") -> tuple[str, int, int]:
+    """(format, width, height) of encoded image bytes, read from the header alone, after the checks
+    `load_image` makes before it decodes a pixel (size in bytes, format, pixel count, minimum side).
+    The server's upload route refuses a bad file with it before queueing the request."""
+    image = _checked_header(data, limits or ImageLimits(), origin)
+    return image.format, image.width, image.height
+
+
+def _checked_header(data: bytes, limits: ImageLimits, origin: str) -> Image.Image:
     if not data:
         raise ImageError(f"{origin} is empty (0 bytes)")
     _check_byte_count(len(data), limits)
     image = _open_header(data, _ALLOWED_FORMATS, origin)
     _check_size(image.size, limits)  # from the header: nothing is decoded yet
+    return image
+
+
+def _decode(data: bytes, limits: ImageLimits, origin: str) -> Image.Image:
+    image = _checked_header(data, limits, origin)
     try:
         image.load()  # the first frame of an animation
     except Image.DecompressionBombError as e:  # Pillow's cap, if max_pixels was set above it

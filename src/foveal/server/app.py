@@ -123,9 +123,10 @@ def create_app(config: ServerConfig | None = None, registry: ModelRegistry | Non
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    from . import ollama, openai
+    from . import ollama, openai, upload
     app.include_router(ollama.router)
     app.include_router(openai.router)
+    app.include_router(upload.router)
 
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

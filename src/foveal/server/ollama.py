@@ -357,6 +357,12 @@ async def show(request: Request, body: ShowRequest):
 
 @router.post("/api/generate")
 async def generate(request: Request, body: GenerateRequest):
+    return await answer_generate(request, body)
+
+
+async def answer_generate(request: Request, body: GenerateRequest, images: list | None = None):
+    """/api/generate's answer. `images`: already read (bytes; the upload route, server/upload.py), or
+    None to take them from `body.images`."""
     t_request = time.perf_counter()
     refuse_unsupported(body, "generate")
     think = show_thinking(body.think)
@@ -364,7 +370,8 @@ async def generate(request: Request, body: GenerateRequest):
     st = state_of(request)
     entry = st.registry.get(body.model)
     keep = keep_alive_seconds(body.keep_alive)
-    images = images_of(body.images, "images", st, [0])
+    if images is None:
+        images = images_of(body.images, "images", st, [0])
     if not body.prompt and not images:
         load_s = await st.registry.ensure_loaded(entry)
         st.registry.keep_alive(entry, keep)

@@ -31,7 +31,8 @@ from .metrics import Metrics
 access_log = logging.getLogger("foveal.server.access")
 OPEN_PATHS = {"/health"}
 KNOWN_ROUTES = {"/", "/health", "/metrics", "/api/version", "/api/tags", "/api/show", "/api/ps",
-                "/api/generate", "/api/chat", "/v1/models", "/v1/chat/completions", "/openapi.json", "/docs"}
+                "/api/generate", "/api/chat", "/v1/models", "/v1/chat/completions", "/openapi.json", "/docs",
+                "/api/v1/analyze"}
 
 
 def _host_name(host_header: str) -> str:
