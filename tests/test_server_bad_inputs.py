@@ -1,4 +1,4 @@
-"""At least 150 bad requests across both APIs: each must get its 4xx status and a JSON error body
+"""At least 150 bad requests across both APIs and the upload route: each must get its 4xx status and a JSON error body
 naming the problem; afterwards the server is healthy and its memory did not grow by 256 MiB."""
 
 from __future__ import annotations
@@ -212,6 +212,54 @@ def openai_cases(image_root):
     return cases
 
 
+def upload_cases():
+    """POST /api/v1/analyze: the form's shape, its parts' types and the images' bytes."""
+    path, cases = "/api/v1/analyze", []
+
+    def form(note, status, needle, images=(("a.png", PNG, "image/png"),), **data):
+        data = {"prompt": "hi", **data}
+        cases.append((f"upload {note}", "POST", path, {"data": {k: v for k, v in data.items() if v is not None},
+                                                        "files": [("image", i) for i in images]}, status, needle))
+
+    for name, data, ctype, needle in (
+            ("text", TEXT_FILE, "image/png", "not an image"),
+            ("truncated", TRUNCATED, "image/png", "truncated or corrupt"),
+            ("1 px", ONE_PIXEL, "image/png", "smaller than the minimum"), ("bomb", BOMB, "image/png", "over the limit"),
+            ("gif header", GIF_HEADER_ONLY, "image/gif", "gif"), ("pdf", b"%PDF-1.4 fake document", "image/png",
+                                                                   "not an image"),
+            ("zeros", b"\x00" * 64, "application/octet-stream", "not an image"), ("empty", b"", "image/png", "empty")):
+        form(f"image {name}", 400, needle, images=[("x.png", data, ctype)])
+    for ctype in ("text/plain", "application/pdf", "image/svg+xml", "video/mp4", "application/json"):
+        form(f"type {ctype}", 415, ctype, images=[("x.bin", PNG, ctype)])
+    form("too many images", 400, "too many images", images=[("a.png", PNG, "image/png")] * 5)
+    form("no prompt", 400, "prompt", prompt=None)
+    form("unknown field", 400, "unknown form field 'temperature'", temperature="0")
+    for options, needle in (("{bad", "not valid json"), ("[1]", "json object"), ("5", "json object"),
+                            ('{"temperature": -1}', "temperature"), ('{"top_p": 0}', "top_p"),
+                            ('{"num_predict": 0}', "num_predict"), ('{"stop": 5}', "stop"),
+                            ('{"num_ctx": -1}', "num_ctx")):
+        form(f"options {options}", 400, needle, options=options)
+    for field, value, needle in (("stream", "yes", "stream"), ("think", "very", "think"), ("format", "yaml", "format"),
+                                 ("format", "{nope", "format"), ("format", '{"type": "foo"}', "invalid type: foo"),
+                                 ("keep_alive", "soon", "keep_alive"), ("model", "llava:13b", "not found")):
+        form(f"{field} {value}", 404 if field == "model" else 400, needle, **{field: value})
+    form("too long", 400, "context holds", prompt="word " * 3000)
+    form("placeholder", 400, "placeholder", prompt="<image> and <image>")
+    boundary = "foveal-bad-inputs"
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    whole = (f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--{boundary}--\r\n').encode()
+    for note, content, headers, status, needle in (
+            ("no boundary", whole, {"content-type": "multipart/form-data"}, 400, "boundary"),
+            ("garbage", b"garbage", multipart, 400, "malformed multipart"),
+            ("cut short", whole[:-8], multipart, 400, "ended before"), ("empty", b"", multipart, 400, "ended before"),
+            ("no disposition", whole.replace(b"Content-Disposition: form-data; ", b"X-Other: 1; "), multipart, 400,
+             "content-disposition"),
+            ("json body", b'{"prompt": "hi"}', {"content-type": "application/json"}, 415, "multipart/form-data")):
+        cases.append((f"upload {note}", "POST", path, {"content": content, "headers": headers}, status, needle))
+    cases.append(("upload GET", "GET", path, {}, 405, "not allowed"))
+    return cases
+
+
 def oversized_cases():
     big = b"{\"model\": \"tiny\", \"prompt\": \"" + b"a" * (MAX_BODY + 10) + b"\"}"
     out = []
@@ -225,6 +273,18 @@ def oversized_cases():
             yield b"a" * 65536
     for path in ("/api/generate", "/v1/chat/completions"):
         out.append((f"{path} oversized chunked", "POST", path, {"content_factory": chunked}, 413, "over the limit"))
+    big_image = ("big.png", PNG + b"\x00" * MAX_BODY, "image/png")
+    out.append(("upload oversized", "POST", "/api/v1/analyze",
+                {"data": {"prompt": "hi"}, "files": [("image", big_image)]}, 413, "over the limit"))
+    boundary = "foveal-oversized"
+
+    def chunked_form():
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+               f'Content-Type: image/png\r\n\r\n').encode() + PNG
+        yield from chunked()
+    out.append(("upload oversized chunked", "POST", "/api/v1/analyze",
+                {"content_factory": chunked_form,
+                 "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}}, 413, "over the limit"))
     return out
 
 
@@ -237,7 +297,7 @@ def error_text(r: httpx.Response) -> str:
 def test_bad_requests_get_4xx_json_and_server_stays_healthy(vlm, image_root):
     with LiveServer(vlm, image_root=image_root, max_images=4, max_body_bytes=MAX_BODY) as s, \
             httpx.Client(base_url=s.url, timeout=30) as c:
-        cases = ollama_cases(image_root) + openai_cases(image_root) + oversized_cases()
+        cases = ollama_cases(image_root) + openai_cases(image_root) + upload_cases() + oversized_cases()
         assert len(cases) >= 150, len(cases)
         process = psutil.Process(os.getpid())
         rss0 = process.memory_info().rss

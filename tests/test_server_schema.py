@@ -28,7 +28,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 MAX_EXAMPLES = int(os.environ.get("FOVEAL_SCHEMATHESIS_EXAMPLES", "25"))   # per operation and mode
 DERANDOMIZE = "FOVEAL_SCHEMATHESIS_RANDOM" not in os.environ
-GENERATION_PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions")
+GENERATION_PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions", "/api/v1/analyze")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,9 @@ def live(vlm):
 def _aimed_at_the_model(path: str, body):
     """The same body, naming the served model and asking for at most 4 tokens."""
     body = {**body, "model": MODEL}
-    if path.startswith("/v1/"):
+    if path == "/api/v1/analyze":                       # a multipart form: options is JSON text
+        body["options"] = json.dumps({"num_predict": 4})
+    elif path.startswith("/v1/"):
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = 4
     elif isinstance(body.get("options"), dict) or body.get("options") is None:
@@ -56,7 +58,13 @@ def _aim_some_at_the_model(context, case):
     def aimed(_):
         case.body = _aimed_at_the_model(case.operation.path, case.body)
         return case
-    return st.booleans().map(lambda yes: aimed(yes) if yes else case)
+
+    def not_aimed(_):
+        # the upload form's model is optional (the sole served model): name none of them, as elsewhere
+        if case.operation.path == "/api/v1/analyze" and not str(case.body.get("model") or "").strip():
+            case.body = {**case.body, "model": "not-served"}
+        return case
+    return st.booleans().map(lambda yes: aimed(yes) if yes else not_aimed(yes))
 
 
 def error_body_is_json(ctx, response, case):

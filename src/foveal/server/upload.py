@@ -62,6 +62,7 @@ PLAIN_ENCODINGS = ("", "binary", "7bit", "8bit")
 _FORM_SCHEMA = {
     "type": "object",
     "required": ["prompt"],
+    "additionalProperties": False,
     "properties": {
         "prompt": {"type": "string", "description": "the question about the images"},
         "image": {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -72,7 +73,7 @@ _FORM_SCHEMA = {
         "stream": {"type": "boolean", "default": True, "description": "NDJSON chunks (true) or one object"},
         "system": {"type": "string"},
         "format": {"type": "string", "description": "\"json\" or a JSON schema (as JSON text)"},
-        "think": {"type": "string", "description": "true, false, low, medium or high"},
+        "think": {"type": "string", "enum": ["true", "false", "low", "medium", "high"]},
         "keep_alive": {"type": "string", "description": "seconds or a duration such as 5m"},
     },
 }
