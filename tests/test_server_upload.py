@@ -371,3 +371,28 @@ def test_openapi_describes_the_form(http):
     schema = op["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert schema["required"] == ["prompt"]
     assert {"prompt", "image", "model", "options", "stream"} <= set(schema["properties"])
+
+
+def test_client_gone_mid_upload_is_not_an_error(vlm):
+    """A client that disconnects while its form streams in gets nothing back (499 in the metrics), and
+    nothing is queued."""
+    config = ServerConfig()
+    registry = ModelRegistry(config, Metrics())
+    registry.add_loaded(vlm, MODEL)
+    app = create_app(config, registry)
+    head, headers = multipart([("prompt", "hi"), ("image", ("a.png", PNG, "image/png"))])
+    messages = [{"type": "http.request", "body": head[:40], "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": PATH, "raw_path": PATH.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1"), *((k.encode(), v.encode()) for k, v in headers.items())],
+             "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert registry.entries[MODEL].active == 0
