@@ -251,6 +251,30 @@ def test_form_shape_errors(http):
     assert r.status_code == 400 and "utf-8" in error_of(r).lower()
 
 
+def test_blank_browser_inputs_count_as_absent(http):
+    """A form's file input left blank sends an empty part with filename=""; its text inputs send ""."""
+    content, headers = multipart([("prompt", "Say hi."), ("image", ("", b"", "application/octet-stream")),
+                                  ("model", ""), ("system", ""), ("options", json.dumps(OPTS)), ("stream", "false")])
+    r = http.post(PATH, content=content, headers=headers)
+    assert r.status_code == 200 and r.json()["image_count"] == 0, r.text
+    content, headers = multipart([("prompt", "hi"), ("image", ("blank.png", b"", "image/png"))])
+    r = http.post(PATH, content=content, headers=headers)
+    assert r.status_code == 400 and "'blank.png') is empty" in error_of(r)
+
+
+def test_part_count_is_bounded(http):
+    content, headers = multipart([("prompt", "hi")] + [(f"x{i}", "") for i in range(5000)])
+    r = http.post(PATH, content=content, headers=headers)
+    assert r.status_code == 400 and "too many parts in the form" in error_of(r)
+    content, headers = multipart([("prompt", "hi")] + [("image", ("", b"", None))] * 5000)
+    r = http.post(PATH, content=content, headers=headers)
+    assert r.status_code == 400 and "too many parts in the form" in error_of(r)
+    content, headers = multipart([("prompt", "hi")] + [(f"x{i}", "") for i in range(12)])
+    r = http.post(PATH, content=content, headers=headers)
+    assert r.status_code == 400 and "'x0', 'x1'" in error_of(r) and "'x9'" in error_of(r)
+    assert_healthy(http)
+
+
 def test_malformed_multipart_is_400(http):
     good, headers = multipart([("prompt", "hi"), ("image", ("a.png", PNG, "image/png"))])
     cases = [

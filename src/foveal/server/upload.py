@@ -17,8 +17,9 @@ Design decisions:
   found when it is decoded, with /api/generate's error.
 - Fields: prompt (required), image (0 to max_images files, in order), model (optional when the server
   serves one model), options (a JSON object: Ollama's options), and as in /api/generate, as text:
-  stream, system, format ("json" or a JSON schema), think, keep_alive. An empty field other than prompt
-  counts as absent (a browser sends inputs left blank). An unknown or repeated field is 400.
+  stream, system, format ("json" or a JSON schema), think, keep_alive. An empty field other than prompt,
+  or an empty file part without a file name, counts as absent (what a browser sends for inputs left
+  blank). An unknown or repeated field is 400; the number of parts is bounded.
 - No image: a text-only answer, as /api/generate without images. An empty prompt without an image
   is refused (in /api/generate it would only load the model).
 """
@@ -58,6 +59,7 @@ IMAGE_TYPES = ("image/png", "image/apng", "image/jpeg", "image/jpg", "image/pjpe
 SHOWN_TYPES = "image/png, image/jpeg, image/gif, image/webp, image/bmp, image/tiff, image/avif"
 SNIFFED_TYPES = ("", "application/octet-stream")      # no type claimed: the bytes decide
 PLAIN_ENCODINGS = ("", "binary", "7bit", "8bit")
+MAX_UNKNOWN_PARTS = 16       # parts under unknown names, read and dropped before the 400 that names them
 
 _FORM_SCHEMA = {
     "type": "object",
@@ -122,6 +124,10 @@ class _FormReader:
     # ---- python-multipart callbacks -------------------------------------------------------
     def _begin(self):
         self._parts += 1
+        most = self.state.config.max_images + len(TEXT_FIELDS) + MAX_UNKNOWN_PARTS
+        if self._parts > most:          # each part costs a little: no form of a million empty ones
+            raise APIError(400, f"too many parts in the form: at most {most} "
+                                f"({self.state.config.max_images} images and the fields)")
         self._part = _Part(self._parts)
 
     def _header_field(self, data, start, end):
@@ -183,6 +189,8 @@ class _FormReader:
         if not part.keep:
             return
         if part.name == IMAGE_FIELD:
+            if part.filename == "" and not part.data:
+                return                  # a browser's file input left blank: no image
             self.images.append(part)
             return
         try:
