@@ -257,6 +257,15 @@ def test_blank_browser_inputs_count_as_absent(http):
                                   ("model", ""), ("system", ""), ("options", json.dumps(OPTS)), ("stream", "false")])
     r = http.post(PATH, content=content, headers=headers)
     assert r.status_code == 200 and r.json()["image_count"] == 0, r.text
+    blank = ("image", ("", b"", "application/octet-stream"))
+    content, headers = multipart([("prompt", "hi"), *[("image", ("a.png", PNG, "image/png"))] * MAX_IMAGES, blank,
+                                  ("options", json.dumps(OPTS)), ("stream", "false")])
+    r = http.post(PATH, content=content, headers=headers)
+    assert r.status_code == 200 and r.json()["image_count"] == MAX_IMAGES, r.text
+    content, headers = multipart([("prompt", "hi"), *[("image", ("a.png", PNG, "image/png"))] * MAX_IMAGES,
+                                  ("image", ("", PNG, "application/octet-stream"))])
+    r = http.post(PATH, content=content, headers=headers)
+    assert r.status_code == 400 and "too many images" in error_of(r)
     content, headers = multipart([("prompt", "hi"), ("image", ("blank.png", b"", "image/png"))])
     r = http.post(PATH, content=content, headers=headers)
     assert r.status_code == 400 and "'blank.png') is empty" in error_of(r)

@@ -92,6 +92,7 @@ class _Part:
         self.limit = 0
         self.keep = True                   # False: an unknown field, read and dropped
         self.image_number = 0              # 1-based among the image parts
+        self.over_count = False            # an image part past max_images, unless it turns out blank
 
     def label(self) -> str:
         shown = f" ({_quoted(self.filename)})" if self.filename else ""
@@ -158,8 +159,9 @@ class _FormReader:
         if part.name == IMAGE_FIELD:
             part.image_number = len(self.images) + 1
             if part.image_number > config.max_images:
-                raise APIError(400, f"too many images: at most {config.max_images} per request", "image_error",
-                               param="images")
+                if part.filename != "":             # else: maybe a blank file input, refused at its first byte
+                    raise self.too_many_images()
+                part.over_count = True
             part.content_type = parse_options_header(part.headers.get("content-type"))[0].decode("latin-1")
             if part.content_type not in IMAGE_TYPES + SNIFFED_TYPES:
                 raise APIError(415, f"{part.label()} has content type {_quoted(part.content_type)}, not an image "
@@ -179,6 +181,8 @@ class _FormReader:
         part = self._part
         if not part.keep:
             return
+        if part.over_count:
+            raise self.too_many_images()
         if len(part.data) + (end - start) > part.limit:
             raise APIError(413, f"{part.label()} is over the limit of {part.limit} bytes per image", "body_too_large",
                            param="image")
@@ -200,6 +204,10 @@ class _FormReader:
 
     def _finished(self):
         self.ended = True
+
+    def too_many_images(self) -> APIError:
+        return APIError(400, f"too many images: at most {self.state.config.max_images} per request", "image_error",
+                        param="images")
 
     # ---- limits that depend on the model ----------------------------------------------------
     def model_name(self) -> str:
