@@ -84,6 +84,7 @@ SUPPORTED = {
 # llama.cpp text architecture -> the family whose gguf.py reads and writes it
 GGUF_ARCHITECTURES = {
     "qwen2vl": "qwen2_vl",
+    "mllama": "mllama",          # Ollama's llama3.2-vision: one file, text and vision (families/mllama/gguf.py)
 }
 
 

@@ -1,0 +1,316 @@
+"""Llama 3.2 Vision from Ollama's store: `ollama:llama3.2-vision` against the same model from safetensors.
+
+A tiny random Mllama (tests/tiny.py, with Llama 3's pre-tokenizer and, as the published checkpoint has
+them, the chat template in tokenizer_config.json and CLIP's mean / std) is written as Ollama's converter
+writes it (families/mllama/gguf.py, after convert/convert_mllama.go) into one model blob, with template,
+license and params blobs and a manifest, laid out as Ollama lays out its store. foveal then loads
+`ollama:llama3.2-vision` with OLLAMA_MODELS pointing there and must give the greedy tokens foveal gives
+from the safetensors folder, with no image, one image and two images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from PIL import Image
+
+import foveal
+from foveal.errors import FovealError, ModelNotFoundError, UnsupportedModelError, WeightsError
+from foveal.models.families.mllama.gguf import CLIP_MEAN, CLIP_STD, ollama_name, write_ollama_mllama
+from foveal.weights.gguf import llama3_rope_factors, llama_qk_order, read_hf_folder, write_gguf
+from tiny import MLLAMA_TEMPLATE, build_mllama
+
+MEDIA = "application/vnd.ollama.image."
+# a Go template and options standing in for the ones Ollama ships beside the model (foveal reads the
+# GGUF's own chat template; these layers only have to be there, as in a real store)
+GO_TEMPLATE = ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}"
+               "<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
+PARAMS = {"temperature": 0.6, "top_p": 0.9}
+
+
+def _image(size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _ask(text, *images):
+    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                         {"type": "text", "text": text}]}]
+
+
+def _published_layout(folder):
+    """What the published checkpoint has and tiny.py leaves out: the chat template inside
+    tokenizer_config.json (the only place Ollama's converter reads it) and CLIP's mean / std."""
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": MLLAMA_TEMPLATE}))
+    pp = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**pp, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
+    return folder
+
+
+class Store:
+    """Ollama's store: blobs/sha256-<hex> and manifests/registry.ollama.ai/library/NAME/TAG."""
+
+    def __init__(self, root):
+        self.root = root
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+
+    def blob(self, data: bytes) -> dict:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (self.root / "blobs" / digest.replace(":", "-")).write_bytes(data)
+        return {"digest": digest, "size": len(data)}
+
+    def add(self, model: bytes, name="llama3.2-vision", tag="latest", projector: bytes | None = None):
+        config = self.blob(json.dumps({"model_format": "gguf", "model_family": "mllama",
+                                       "model_families": ["mllama"], "file_type": "F16"}).encode())
+        layers = [("model", model)] + ([("projector", projector)] if projector else []) + [
+            ("template", GO_TEMPLATE.encode()), ("license", b"LLAMA 3.2 COMMUNITY LICENSE AGREEMENT"),
+            ("params", json.dumps(PARAMS).encode())]
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                    "config": {"mediaType": "application/vnd.docker.container.image.v1+json", **config},
+                    "layers": [{"mediaType": MEDIA + kind, **self.blob(data)} for kind, data in layers]}
+        path = self.root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest))
+        return manifest
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _published_layout(build_mllama(tmp_path_factory.mktemp("mllama-hf"), llama3_split=True))
+
+
+@pytest.fixture(scope="module")
+def model_gguf(folder, tmp_path_factory):
+    return write_ollama_mllama(read_hf_folder(folder), tmp_path_factory.mktemp("gguf") / "model.gguf",
+                               float_type=Q.F32)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "models"))
+    return Store(tmp_path / "models")
+
+
+@pytest.fixture(scope="module")
+def pair(folder, model_gguf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ollama") / "models"
+    Store(root).add(model_gguf.read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OLLAMA_MODELS", str(root))
+        ours = foveal.load("ollama:llama3.2-vision", dtype="float32")
+    return foveal.load(str(folder), dtype="float32"), ours
+
+
+# --- the file, as the converter writes it -----------------------------------------------
+def test_names_are_the_converters():
+    """Go's strings.Replacer over convert_llama.go's then convert_mllama.go's pairs."""
+    table = {
+        "language_model.model.embed_tokens.weight": "token_embd.weight",
+        "language_model.lm_head.weight": "output.weight",
+        "language_model.model.norm.weight": "output_norm.weight",
+        "language_model.model.layers.3.cross_attn.q_proj.weight": "blk.3.cross_attn_q_proj.weight",
+        "language_model.model.layers.3.cross_attn.k_norm.weight": "blk.3.cross_attn_k_norm.weight",
+        "language_model.model.layers.3.cross_attn_attn_gate": "blk.3.cross_attn_attn_gate",
+        "language_model.model.layers.0.self_attn.o_proj.weight": "blk.0.attn_output.weight",
+        "language_model.model.layers.0.post_attention_layernorm.weight": "blk.0.ffn_norm.weight",
+        "vision_model.gated_positional_embedding.embedding": "v.position_embd.weight",
+        "vision_model.gated_positional_embedding.tile_embedding.weight": "v.tile_position_embd.weight",
+        "vision_model.gated_positional_embedding.gate": "v.position_embd.gate",
+        "vision_model.pre_tile_positional_embedding.embedding.weight": "v.pre_tile_position_embd.weight",
+        "vision_model.post_tile_positional_embedding.gate": "v.post_tile_position_embd.gate",
+        "vision_model.global_transformer.layers.1.gate_ffn": "v.global.blk.1.ffn_gate",
+        "vision_model.transformer.layers.2.mlp.fc1.bias": "v.blk.2.ffn_up.bias",
+        "vision_model.layernorm_pre.weight": "v.pre_ln.weight",
+        "vision_model.class_embedding": "v.class_embd",
+        "vision_model.patch_embedding.weight": "v.patch_embd.weight",
+        "multi_modal_projector.weight": "mm.0.weight",
+    }
+    for hf, name in table.items():
+        assert ollama_name(hf) == name, hf
+
+
+def test_the_file_is_what_convert_mllama_writes(folder, tmp_path):
+    ck = read_hf_folder(folder)
+    path = write_ollama_mllama(ck, tmp_path / "m.gguf")        # F16, as Ollama converts
+    r = gguf.GGUFReader(path)
+    assert r.fields["general.architecture"].contents() == "mllama"
+    assert r.fields["mllama.attention.cross_attention_layers"].contents() == [1, 3]
+    assert r.fields["mllama.vision.max_num_tiles"].contents() == 4
+    assert r.fields["mllama.vision.image_size"].contents() == 28
+    assert r.fields["mllama.vision.intermediate_layers_indices"].contents() == [0, 2]
+    assert r.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"       # the Llama 3 regex's digest
+    tensors = {t.name: t for t in r.tensors}
+    assert not [n for n in tensors if not (n.startswith(("v.", "mm.", "blk.")) or n in (
+        "token_embd.weight", "output.weight", "output_norm.weight"))]
+    types = {n: t.tensor_type for n, t in tensors.items()}
+    assert types["blk.0.attn_q.weight"] == Q.F16 and types["v.blk.0.attn_q.weight"] == Q.F16
+    for n in ("v.position_embd.weight", "v.tile_position_embd.weight", "v.pre_tile_position_embd.weight",
+              "v.blk.0.ffn_up.bias", "blk.0.attn_norm.weight", "v.position_embd.gate"):
+        assert types[n] == Q.F32, n
+
+    def data(name):
+        t = tensors[name]
+        return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(list(reversed(t.shape.tolist()))))
+
+    hf = ck.tensors
+    g = hf["vision_model.gated_positional_embedding.gate"]
+    assert torch.allclose(data("v.position_embd.gate"), 1 - g.tanh()) and torch.allclose(data("v.tile_position_embd.gate"), g.tanh())
+    assert torch.allclose(data("v.pre_tile_position_embd.gate"), hf["vision_model.pre_tile_positional_embedding.gate"].tanh())
+    assert torch.allclose(data("v.global.blk.0.attn_gate"), hf["vision_model.global_transformer.layers.0.gate_attn"].tanh())
+    assert torch.equal(data("blk.1.cross_attn_attn_gate"), hf["language_model.model.layers.1.cross_attn_attn_gate"])
+    # rows of the rotary heads interleaved: text q (4 heads), k (2), cross-attention q / k, vision q (4)
+    for name, hf_name, heads in [("blk.0.attn_q.weight", "language_model.model.layers.0.self_attn.q_proj.weight", 4),
+                                 ("blk.0.attn_k.weight", "language_model.model.layers.0.self_attn.k_proj.weight", 2),
+                                 ("blk.1.cross_attn_q_proj.weight", "language_model.model.layers.1.cross_attn.q_proj.weight", 4),
+                                 ("blk.1.cross_attn_k_proj.weight", "language_model.model.layers.1.cross_attn.k_proj.weight", 2),
+                                 ("v.global.blk.1.attn_k.weight", "vision_model.global_transformer.layers.1.self_attn.k_proj.weight", 4)]:
+        expected = hf[hf_name][torch.from_numpy(llama_qk_order(hf[hf_name].shape[0], heads))]
+        assert torch.allclose(data(name), expected.half().float()), name
+        assert not torch.allclose(data(name), hf[hf_name].half().float()), name
+    assert torch.equal(data("blk.0.attn_v.weight"), hf["language_model.model.layers.0.self_attn.v_proj.weight"].half().float())
+
+
+# --- loading it from the store ----------------------------------------------------------
+def test_the_store_loads_as_the_mllama_family(pair):
+    hf, ours = pair
+    assert ours.family.NAME == "mllama" and ours.describe()["family"] == "mllama"
+    assert ours.path.parent.name == "blobs" and ours.path.name.startswith("sha256-")
+    assert ours.config.cross_attention_layers == hf.config.cross_attention_layers
+    assert ours.config.vision == hf.config.vision and ours.config.image_token_id == hf.config.image_token_id
+    assert ours.image_config == hf.image_config          # tiles, max tiles, CLIP mean / std, bilinear
+    assert ours.image_config.image_mean == tuple(CLIP_MEAN) and ours.image_config.max_image_tiles == 4
+    for (name, a), (_, b) in zip(sorted(hf.model.state_dict().items()), sorted(ours.model.state_dict().items())):
+        if a.is_floating_point() and ".kv_cache." not in name:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("images", [[], [(70, 45)], [(300, 50), (57, 333)]], ids=["text", "one-image", "two-images"])
+def test_greedy_tokens_match_safetensors(pair, images):
+    hf, ours = pair
+    messages = _ask("What is in the picture?", *[_image(s, i) for i, s in enumerate(images)])
+    a = hf.generate(messages, max_tokens=24, temperature=0.0)
+    b = ours.generate(messages, max_tokens=24, temperature=0.0)
+    assert b.token_ids == a.token_ids and b.text == a.text
+    ids_a, logits_a = hf.prompt_logits(messages)
+    ids_b, logits_b = ours.prompt_logits(messages)
+    assert ids_a == ids_b
+    assert torch.allclose(logits_a, logits_b, atol=1e-4)
+
+
+def test_f16_export_and_llama3_rope(folder, tmp_path, store):
+    """`foveal export` writes the converter's F16 file; Llama 3.1 RoPE scaling goes through rope_freqs."""
+    scaled = tmp_path / "scaled"
+    shutil.copytree(folder, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["text_config"]["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 1024}
+    (scaled / "config.json").write_text(json.dumps(config))
+    path, projector = write_gguf(read_hf_folder(scaled), tmp_path / "out", type="f16")
+    assert projector is None
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    store.add(path.read_bytes())
+    ours = foveal.load("ollama:llama3.2-vision", dtype="float32")
+    ref = foveal.load(str(scaled), dtype="float32")
+    # the file holds the per-frequency factors, not original_max_position_embeddings: the parameters come
+    # back up to that scale, the frequencies exactly
+    a_rope, b_rope = ref.config.text.rope, ours.config.text.rope
+    assert a_rope.kind == b_rope.kind == "llama3" and a_rope.theta == b_rope.theta and a_rope.factor == b_rope.factor
+
+    def factors(r):
+        return llama3_rope_factors({"rope_theta": r.theta, "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                                    "high_freq_factor": r.high_freq_factor,
+                                    "original_max_position_embeddings": r.original_max_position_embeddings}, 16)
+    assert np.allclose(factors(a_rope), factors(b_rope), rtol=1e-6) and factors(a_rope).max() == 8.0
+    messages = _ask("Describe it.", _image((70, 45)))
+    _, a = ref.prompt_logits(messages)
+    _, b = ours.prompt_logits(messages)
+    assert (a - b).abs().max() < 0.05          # F16 weights
+    assert a[-1].argmax() == b[-1].argmax()
+
+
+# --- a broken or incomplete store --------------------------------------------------------
+def _rewrite(src, dst, drop_keys=(), drop_tensors=(), change=None):
+    """Copy a GGUF, leaving out metadata keys or tensors, or changing a tensor's values."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, arch=r.fields["general.architecture"].contents())
+    for key, field in r.fields.items():
+        if key in drop_keys or key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), vtype)
+    for t in r.tensors:
+        if t.name in drop_tensors:
+            continue
+        data = np.array(t.data).reshape(list(reversed(t.shape.tolist())))
+        if change and t.name in change:
+            data = change[t.name](data)
+        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def _load_error(store, data, **kw):
+    store.add(data, **kw)
+    with pytest.raises(FovealError) as e:
+        foveal.load("ollama:llama3.2-vision", dtype="float32")
+    return e
+
+
+def test_a_missing_tensor_is_named(model_gguf, store, tmp_path):
+    bad = _rewrite(model_gguf, tmp_path / "bad.gguf", drop_tensors={"v.global.blk.1.ffn_gate"})
+    e = _load_error(store, bad.read_bytes())
+    assert e.type is WeightsError and "v.global.blk.1.ffn_gate" in str(e.value)
+
+
+def test_a_missing_metadata_key_is_named(model_gguf, store, tmp_path):
+    bad = _rewrite(model_gguf, tmp_path / "bad.gguf", drop_keys={"mllama.vision.max_num_tiles"})
+    e = _load_error(store, bad.read_bytes())
+    assert e.type is WeightsError and "mllama.vision.max_num_tiles" in str(e.value)
+
+
+def test_a_text_only_mllama_file_is_refused(model_gguf, store, tmp_path):
+    r = gguf.GGUFReader(model_gguf)
+    bad = _rewrite(model_gguf, tmp_path / "bad.gguf",
+                   drop_tensors={t.name for t in r.tensors if t.name.startswith(("v.", "mm."))})
+    e = _load_error(store, bad.read_bytes())
+    assert e.type is WeightsError and ("v.patch_embd.weight" in str(e.value) or "v.*" in str(e.value))
+
+
+def test_gates_that_disagree_are_refused(model_gguf, store, tmp_path):
+    bad = _rewrite(model_gguf, tmp_path / "bad.gguf", change={"v.position_embd.gate": lambda d: d * 0 + 0.9})
+    e = _load_error(store, bad.read_bytes())
+    assert e.type is WeightsError and "v.position_embd.gate" in str(e.value)
+
+
+def test_the_old_two_blob_layout_is_refused(model_gguf, store):
+    """A model blob with a projector blob: Ollama's pre-2025 llama3.2-vision, which Ollama refuses too."""
+    e = _load_error(store, model_gguf.read_bytes(), projector=b"GGUF-old-projector")
+    assert e.type is UnsupportedModelError
+    assert "ollama pull llama3.2-vision" in str(e.value) and "projector" in str(e.value)
+
+
+def test_a_missing_or_truncated_blob_is_named(model_gguf, store):
+    manifest = store.add(model_gguf.read_bytes())
+    blob = store.root / "blobs" / manifest["layers"][0]["digest"].replace(":", "-")
+    blob.write_bytes(blob.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="partial download"):
+        foveal.load("ollama:llama3.2-vision", dtype="float32")
+    blob.unlink()
+    with pytest.raises(ModelNotFoundError, match=manifest["layers"][0]["digest"]):
+        foveal.load("ollama:llama3.2-vision", dtype="float32")
