@@ -239,8 +239,8 @@ def test_f16_export_and_llama3_rope(folder, tmp_path, store):
 
 
 # --- a broken or incomplete store --------------------------------------------------------
-def _rewrite(src, dst, drop_keys=(), drop_tensors=(), change=None):
-    """Copy a GGUF, leaving out metadata keys or tensors, or changing a tensor's values."""
+def _rewrite(src, dst, drop_keys=(), drop_tensors=(), change=None, quantize=()):
+    """Copy a GGUF, leaving out metadata keys or tensors, changing a tensor's values, or storing some as Q8_0."""
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, arch=r.fields["general.architecture"].contents())
     for key, field in r.fields.items():
@@ -257,7 +257,10 @@ def _rewrite(src, dst, drop_keys=(), drop_tensors=(), change=None):
         data = np.array(t.data).reshape(list(reversed(t.shape.tolist())))
         if change and t.name in change:
             data = change[t.name](data)
-        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+        if t.name in quantize:
+            w.add_tensor(t.name, gguf.quants.quantize(data.astype(np.float32), Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -314,3 +317,62 @@ def test_a_missing_or_truncated_blob_is_named(model_gguf, store):
     blob.unlink()
     with pytest.raises(ModelNotFoundError, match=manifest["layers"][0]["digest"]):
         foveal.load("ollama:llama3.2-vision", dtype="float32")
+
+
+def test_the_store_resolves_as_one_vision_blob(model_gguf, store):
+    from foveal.weights.resolve import list_models, resolve
+    store.add(model_gguf.read_bytes())
+    found = resolve("ollama:llama3.2-vision")
+    assert found.kind == "gguf" and found.mmproj is None and found.is_vlm and found.source == "ollama"
+    assert found.name == "llama3.2-vision:latest" and found.path.read_bytes()[:4] == b"GGUF"
+    assert found.template == GO_TEMPLATE and found.params == PARAMS
+    assert [m.is_vlm for m in list_models() if m.name == "llama3.2-vision:latest"] == [True]
+
+
+def test_a_quantized_blob_loads(model_gguf, store, tmp_path, pair):
+    """Ollama publishes quantized blobs: Q8_0 matrices (rows permuted in their quantized blocks) read back."""
+    r = gguf.GGUFReader(model_gguf)
+    quantized = {t.name for t in r.tensors if len(t.shape) == 2 and t.shape[0] % 32 == 0
+                 and t.name not in ("token_embd.weight", "v.tile_position_embd.weight")}
+    assert {"blk.0.attn_q.weight", "blk.1.cross_attn_k_proj.weight", "v.blk.0.attn_q.weight"} <= quantized
+    q8 = _rewrite(model_gguf, tmp_path / "q8.gguf", quantize=quantized)
+    assert {t.name: t.tensor_type for t in gguf.GGUFReader(q8).tensors}["blk.0.attn_q.weight"] == Q.Q8_0
+    store.add(q8.read_bytes())
+    ours = foveal.load("ollama:llama3.2-vision", dtype="float32")
+    hf, _ = pair
+    theirs = hf.model.state_dict()
+    for name, w in ours.model.state_dict().items():    # within Q8_0's rounding: every row in its place
+        if w.is_floating_point() and w.dim() == 2 and ".kv_cache." not in name:
+            bound = theirs[name].abs().amax(dim=-1, keepdim=True) / 100
+            assert ((w - theirs[name]).abs() <= bound).all(), name
+    messages = _ask("What is in the picture?", _image((70, 45)))
+    _, a = hf.prompt_logits(messages)
+    _, b = ours.prompt_logits(messages)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_a_blob_without_a_chat_template_is_named(model_gguf, store, tmp_path):
+    """Ollama's own template layer is a Go template: the prompt needs the GGUF's Jinja one."""
+    bad = _rewrite(model_gguf, tmp_path / "bad.gguf", drop_keys={"tokenizer.chat_template"})
+    e = _load_error(store, bad.read_bytes())
+    assert "tokenizer.chat_template" in str(e.value)
+
+
+def test_two_images_over_the_ollama_api(pair, tmp_path):
+    """Ollama's own server takes one image per llama3.2-vision request; foveal's answers two, and the official
+    client gets the same reply from the store's blob as from the safetensors folder."""
+    import ollama
+    from live_server import MODEL, LiveServer
+    paths = []
+    for i, size in enumerate([(300, 50), (57, 333)]):
+        paths.append(tmp_path / f"{i}.png")
+        _image(size, i).save(paths[-1])
+    replies = []
+    for vlm in pair:
+        with LiveServer(vlm) as server:
+            client = ollama.Client(host=server.url)
+            r = client.chat(model=MODEL, messages=[{"role": "user", "content": "Compare them.",
+                                                    "images": [str(p) for p in paths]}],
+                            options={"temperature": 0, "num_predict": 16})
+            replies.append((r.message.content, r.eval_count, r.prompt_eval_count))
+    assert replies[0] == replies[1] and replies[0][1] > 0
