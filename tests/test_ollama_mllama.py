@@ -162,21 +162,23 @@ def test_the_file_is_what_convert_mllama_writes(folder, tmp_path):
         return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(list(reversed(t.shape.tolist()))))
 
     hf = ck.tensors
-    g = hf["vision_model.gated_positional_embedding.gate"]
-    assert torch.allclose(data("v.position_embd.gate"), 1 - g.tanh()) and torch.allclose(data("v.tile_position_embd.gate"), g.tanh())
-    assert torch.allclose(data("v.pre_tile_position_embd.gate"), hf["vision_model.pre_tile_positional_embedding.gate"].tanh())
-    assert torch.allclose(data("v.global.blk.0.attn_gate"), hf["vision_model.global_transformer.layers.0.gate_attn"].tanh())
-    assert torch.equal(data("blk.1.cross_attn_attn_gate"), hf["language_model.model.layers.1.cross_attn_attn_gate"])
-    # rows of the rotary heads interleaved: text q (4 heads), k (2), cross-attention q / k, vision q (4)
-    for name, hf_name, heads in [("blk.0.attn_q.weight", "language_model.model.layers.0.self_attn.q_proj.weight", 4),
-                                 ("blk.0.attn_k.weight", "language_model.model.layers.0.self_attn.k_proj.weight", 2),
-                                 ("blk.1.cross_attn_q_proj.weight", "language_model.model.layers.1.cross_attn.q_proj.weight", 4),
-                                 ("blk.1.cross_attn_k_proj.weight", "language_model.model.layers.1.cross_attn.k_proj.weight", 2),
-                                 ("v.global.blk.1.attn_k.weight", "vision_model.global_transformer.layers.1.self_attn.k_proj.weight", 4)]:
+    lm, vm = "language_model.model.layers.", "vision_model."
+    g = hf[vm + "gated_positional_embedding.gate"]
+    assert torch.allclose(data("v.position_embd.gate"), 1 - g.tanh())
+    assert torch.allclose(data("v.tile_position_embd.gate"), g.tanh())
+    assert torch.allclose(data("v.pre_tile_position_embd.gate"), hf[vm + "pre_tile_positional_embedding.gate"].tanh())
+    assert torch.allclose(data("v.global.blk.0.attn_gate"), hf[vm + "global_transformer.layers.0.gate_attn"].tanh())
+    assert torch.equal(data("blk.1.cross_attn_attn_gate"), hf[lm + "1.cross_attn_attn_gate"])
+    # rows of the rotary heads interleaved: text q (4 heads), k (2), cross-attention q / k, vision k (4)
+    for name, hf_name, heads in [("blk.0.attn_q.weight", lm + "0.self_attn.q_proj.weight", 4),
+                                 ("blk.0.attn_k.weight", lm + "0.self_attn.k_proj.weight", 2),
+                                 ("blk.1.cross_attn_q_proj.weight", lm + "1.cross_attn.q_proj.weight", 4),
+                                 ("blk.1.cross_attn_k_proj.weight", lm + "1.cross_attn.k_proj.weight", 2),
+                                 ("v.global.blk.1.attn_k.weight", vm + "global_transformer.layers.1.self_attn.k_proj.weight", 4)]:
         expected = hf[hf_name][torch.from_numpy(llama_qk_order(hf[hf_name].shape[0], heads))]
         assert torch.allclose(data(name), expected.half().float()), name
         assert not torch.allclose(data(name), hf[hf_name].half().float()), name
-    assert torch.equal(data("blk.0.attn_v.weight"), hf["language_model.model.layers.0.self_attn.v_proj.weight"].half().float())
+    assert torch.equal(data("blk.0.attn_v.weight"), hf[lm + "0.self_attn.v_proj.weight"].half().float())
 
 
 # --- loading it from the store ----------------------------------------------------------
@@ -292,7 +294,7 @@ def test_a_text_only_mllama_file_is_refused(model_gguf, store, tmp_path):
     bad = _rewrite(model_gguf, tmp_path / "bad.gguf",
                    drop_tensors={t.name for t in r.tensors if t.name.startswith(("v.", "mm."))})
     e = _load_error(store, bad.read_bytes())
-    assert e.type is WeightsError and ("v.patch_embd.weight" in str(e.value) or "v.*" in str(e.value))
+    assert e.type is WeightsError and "no v.* tensors" in str(e.value)
 
 
 def test_gates_that_disagree_are_refused(model_gguf, store, tmp_path):

@@ -179,8 +179,12 @@ def read_gguf_file(gf: GGUFFile | SplitGGUF, mmproj_path: str | Path | None, dty
             f"old llama3.2-vision, which Ollama itself no longer runs; re-pull it (`ollama pull llama3.2-vision`) "
             f"for the single-file layout foveal reads")
     meta, names = gf.metadata, gf.tensors
-    raw = _hf_config(gf)
-    vocab = vocab_from_metadata(meta, len(meta.get(Keys.Tokenizer.LIST) or []) or 1)
+    if not any(n.startswith("v.") for n in names):
+        raise WeightsError(f"{gf.path}: an mllama GGUF without its vision tower (no v.* tensors): not the "
+                           f"single-file llama3.2-vision that Ollama's converter writes")
+    raw = _hf_config(gf, dtype)
+    tokens = meta.get(Keys.Tokenizer.LIST)
+    vocab = vocab_from_metadata(meta, len(tokens) if isinstance(tokens, list) and tokens else 1)
     if IMAGE_TOKEN not in vocab.tokens:
         raise WeightsError(f"{gf.path}: the vocabulary has no {IMAGE_TOKEN} token, which an mllama prompt needs")
     raw["image_token_index"] = vocab.tokens.index(IMAGE_TOKEN)
@@ -195,9 +199,6 @@ def read_gguf_file(gf: GGUFFile | SplitGGUF, mmproj_path: str | Path | None, dty
     by_gguf: dict[str, str] = {}
     for hf in wanted:
         by_gguf[TILE_GATE if hf == HF_POSITION_GATE else ollama_name(hf)] = hf
-    if not any(n.startswith("v.") for n in names):
-        raise WeightsError(f"{gf.path}: an mllama GGUF without its vision tower (no v.* tensors): not the "
-                           f"single-file llama3.2-vision that Ollama's converter writes")
     missing = [g for g in by_gguf if g not in names] + [POSITION_GATE] * (POSITION_GATE not in names)
     if missing:
         raise WeightsError(f"{gf.path}: tensor {missing[0]} is missing ({len(missing)} missing; an mllama model "
@@ -244,7 +245,7 @@ def read_gguf_file(gf: GGUFFile | SplitGGUF, mmproj_path: str | Path | None, dty
     return HFCheckpoint(raw, tensors, tokenizer_json, tokenizer_config, preprocessor)
 
 
-def _hf_config(gf: GGUFFile | SplitGGUF) -> dict[str, Any]:
+def _hf_config(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> dict[str, Any]:
     """MllamaConfig (transformers 5's keys) from the mllama.* metadata, cross-checked with the tensor shapes."""
     meta, names, a = gf.metadata, gf.tensors, ARCH
     for required in ("token_embd.weight", "output.weight", "v.patch_embd.weight", "mm.0.weight"):
@@ -321,7 +322,7 @@ def _hf_config(gf: GGUFFile | SplitGGUF) -> dict[str, Any]:
         raise WeightsError(f"{gf.path}: mm.0.weight has shape {list(proj)}, but a tower of width {width} with "
                            f"{len(inter)} intermediate layers projects {vision['vision_output_dim']} -> {hidden}")
     return {"architectures": ["MllamaForConditionalGeneration"], "model_type": ARCH, "text_config": text,
-            "vision_config": vision, "dtype": "float32",
+            "vision_config": vision, "dtype": str(dtype).removeprefix("torch."),
             **({"_name_or_path": meta[Keys.General.NAME]} if isinstance(meta.get(Keys.General.NAME), str) else {})}
 
 
