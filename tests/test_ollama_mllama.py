@@ -378,3 +378,24 @@ def test_two_images_over_the_ollama_api(pair, tmp_path):
                             options={"temperature": 0, "num_predict": 16})
             replies.append((r.message.content, r.eval_count, r.prompt_eval_count))
     assert replies[0] == replies[1] and replies[0][1] > 0
+
+
+def test_a_bf16_checkpoint_converts_as_ollama_converts_it(folder, tmp_path, store):
+    """The published checkpoint is BF16: the converter keeps its text matrices BF16, the tower and projector
+    F16; read back in float32, the tokens are the safetensors folder's."""
+    from safetensors.torch import load_file, save_file
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(folder, bf16)
+    weights = load_file(bf16 / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, bf16 / "model.safetensors",
+              metadata={"format": "pt"})
+    path = write_ollama_mllama(read_hf_folder(bf16), tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == types["output.weight"] == types["blk.1.cross_attn_k_proj.weight"] == Q.BF16
+    assert types["v.blk.0.attn_q.weight"] == types["mm.0.weight"] == Q.F16 and types["blk.0.attn_norm.weight"] == Q.F32
+    store.add(path.read_bytes())
+    ours = foveal.load("ollama:llama3.2-vision", dtype="float32")
+    ref = foveal.load(str(bf16), dtype="float32")
+    messages = _ask("What is in the picture?", _image((70, 45)), _image((20, 30), 1))
+    assert ours.generate(messages, max_tokens=16, temperature=0.0).token_ids == \
+        ref.generate(messages, max_tokens=16, temperature=0.0).token_ids

@@ -28,8 +28,9 @@ Design decisions
     takes g = atanh of the tile gate and checks that the two agree. The text layers' cross-attention
     gates are stored as they are (the model applies tanh).
 - Tensor types as reader.go's `Kind`: F32 for 1-D tensors, biases and the position / tile embeddings,
-  F16 for the rest (`f32` writes everything F32). Ollama quantizes later (`ollama create -q`); any
-  type gguf can dequantize is read.
+  F16 for the rest, except that a BF16 checkpoint's text matrices stay BF16 (reader_safetensors.go;
+  the published checkpoint is BF16); `f32` writes everything F32. Ollama quantizes later
+  (`ollama create -q`); any type gguf can dequantize is read.
 - Metadata: `mllama.*` = the llama keys of text_config (block_count, context_length, embedding_length,
   feed_forward_length, attention.head_count / head_count_kv / layer_norm_rms_epsilon,
   rope.dimension_count, rope.freq_base, vocab_size), `mllama.attention.cross_attention_layers`, and
@@ -403,9 +404,13 @@ def write_ollama_mllama(ckpt: HFCheckpoint, path: str | Path, *, float_type: Q =
     writer.add_uint32(f"{a}.vision.max_num_tiles", v.max_num_tiles)
     writer.add_uint32(f"{a}.vision.num_channels", v.num_channels)
 
-    def planned(name: str, tensor: torch.Tensor) -> Planned:
+    def planned(name: str, tensor: torch.Tensor, bf16: bool = False) -> Planned:
         f32 = tensor.dim() == 1 or name.endswith(".bias") or name in F32_NAMES or float_type == Q.F32
-        return Planned(name, tensor.contiguous(), Q.F32 if f32 else tensor_type(float_type, tensor))
+        if f32:
+            return Planned(name, tensor.contiguous(), Q.F32)
+        if bf16 and not name.startswith(("v.", "mm.")):     # reader_safetensors.go keeps a BF16 text tensor BF16
+            return Planned(name, tensor.contiguous(), Q.BF16)
+        return Planned(name, tensor.contiguous(), tensor_type(float_type, tensor))
 
     tensors = {hub_name(k): val for k, val in ckpt.tensors.items()}
     vision_plan, text_plan = [], []
@@ -414,6 +419,7 @@ def write_ollama_mllama(ckpt: HFCheckpoint, path: str | Path, *, float_type: Q =
         text_plan.append(Planned("rope_freqs.weight", torch.from_numpy(factors.astype(np.float32)), Q.F32))
     for hf, tensor in tensors.items():
         name = ollama_name(hf)
+        bf16 = tensor.dtype == torch.bfloat16
         tensor = tensor.detach().to(torch.float32)
         if name == POSITION_GATE:
             vision_plan += [planned(POSITION_GATE, 1 - torch.tanh(tensor)), planned(TILE_GATE, torch.tanh(tensor))]
@@ -423,7 +429,7 @@ def write_ollama_mllama(ckpt: HFCheckpoint, path: str | Path, *, float_type: Q =
         heads = _qk_heads(name, t.num_attention_heads, t.num_key_value_heads, v.attention_heads)
         if heads is not None:
             tensor = tensor[torch.from_numpy(llama_qk_order(tensor.shape[0], heads))]
-        (vision_plan if name.startswith(("v.", "mm.")) else text_plan).append(planned(name, tensor))
+        (vision_plan if name.startswith(("v.", "mm.")) else text_plan).append(planned(name, tensor, bf16))
     write_tensors(writer, Path(path), vision_plan + text_plan)
     return Path(path)
 
