@@ -28,11 +28,13 @@ from foveal.weights.gguf import llama3_rope_factors, llama_qk_order, read_hf_fol
 from tiny import MLLAMA_TEMPLATE, build_mllama
 
 MEDIA = "application/vnd.ollama.image."
-# a Go template and options standing in for the ones Ollama ships beside the model (foveal reads the
-# GGUF's own chat template; these layers only have to be there, as in a real store)
-GO_TEMPLATE = ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}"
-               "<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
-PARAMS = {"temperature": 0.6, "top_p": 0.9}
+# The template and params layers `ollama create` attaches when it recognises a Llama 3 chat template in the
+# GGUF (server/model.go detectChatTemplate: template/llama3-instruct.gotmpl and .json, JSON-encoded). The
+# library's published llama3.2-vision may carry a hand-written template instead; foveal reads the GGUF's
+# own Jinja template, so these layers only have to be there, as in a real store.
+GO_TEMPLATE = ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
+               "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
+PARAMS = {"stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
 
 
 def _image(size, seed=0):
@@ -73,7 +75,7 @@ class Store:
                                        "model_families": ["mllama"], "file_type": "F16"}).encode())
         layers = [("model", model)] + ([("projector", projector)] if projector else []) + [
             ("template", GO_TEMPLATE.encode()), ("license", b"LLAMA 3.2 COMMUNITY LICENSE AGREEMENT"),
-            ("params", json.dumps(PARAMS).encode())]
+            ("params", (json.dumps(PARAMS) + "\n").encode())]
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
                     "config": {"mediaType": "application/vnd.docker.container.image.v1+json", **config},
                     "layers": [{"mediaType": MEDIA + kind, **self.blob(data)} for kind, data in layers]}
