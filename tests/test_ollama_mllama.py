@@ -243,10 +243,13 @@ def test_f16_export_and_llama3_rope(folder, tmp_path, store):
 
 
 # --- a broken or incomplete store --------------------------------------------------------
-def _rewrite(src, dst, drop_keys=(), drop_tensors=(), change=None, quantize=()):
-    """Copy a GGUF, leaving out metadata keys or tensors, changing a tensor's values, or storing some as Q8_0."""
+def _rewrite(src, dst, drop_keys=(), drop_tensors=(), change=None, quantize=(), add_arrays=None):
+    """Copy a GGUF, leaving out metadata keys or tensors, changing a tensor's values, storing some as Q8_0,
+    or adding integer arrays."""
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, arch=r.fields["general.architecture"].contents())
+    for key, values in (add_arrays or {}).items():
+        w.add_array(key, values)
     for key, field in r.fields.items():
         if key in drop_keys or key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -401,3 +404,15 @@ def test_a_bf16_checkpoint_converts_as_ollama_converts_it(folder, tmp_path, stor
     messages = _ask("What is in the picture?", _image((70, 45)), _image((20, 30), 1))
     assert ours.generate(messages, max_tokens=16, temperature=0.0).token_ids == \
         ref.generate(messages, max_tokens=16, temperature=0.0).token_ids
+
+
+def test_generation_configs_stop_tokens_are_read(model_gguf, store, tmp_path):
+    """convert/tokenizer.go writes generation_config.json's eos_token_id list as tokenizer.ggml.eos_token_ids
+    (Llama 3.2 Vision's: <|end_of_text|>, <|eom_id|>, <|eot_id|>): every one of them stops generation."""
+    r = gguf.GGUFReader(model_gguf)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    ids = [tokens.index("<|end_of_text|>"), tokens.index("<|eot_id|>")]
+    good = _rewrite(model_gguf, tmp_path / "eos.gguf", add_arrays={"tokenizer.ggml.eos_token_ids": ids})
+    store.add(good.read_bytes())
+    ours = foveal.load("ollama:llama3.2-vision", dtype="float32")
+    assert set(ids) <= set(ours.engine.eos_ids)
