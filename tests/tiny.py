@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 CORPUS = [
     "USER: What is in this image? ASSISTANT: A red circle and a blue square.",
@@ -625,11 +625,19 @@ MLLAMA_TEMPLATE = (
 )
 
 
-def _mllama_tokenizer(folder: Path) -> dict:
+def _mllama_tokenizer(folder: Path, llama3_split: bool = False) -> dict:
     """A byte-level BPE with Llama 3's specials (BOS added) and `<|image|>` as the last id, past the text
-    vocabulary as in the real checkpoints (128256)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocabulary as in the real checkpoints (128256). llama3_split: Llama 3's own pre-tokenizer (its split
+    regex, then byte-level without GPT-2's regex; merges ignored for whole-word pieces), as the published
+    checkpoint has it."""
+    tok = Tokenizer(models.BPE(ignore_merges=llama3_split))
+    if llama3_split:
+        from foveal.weights.gguf_tokenizer import LLAMA3_SPLIT
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=MLLAMA_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -646,14 +654,14 @@ def _mllama_tokenizer(folder: Path) -> dict:
     return {t: tok.token_to_id(t) for t in [*MLLAMA_SPECIALS, "<|image|>"]} | {"size": tok.get_vocab_size()}
 
 
-def build_mllama(folder: Path, *, seed=0, max_num_tiles=4, tile=28) -> Path:
+def build_mllama(folder: Path, *, seed=0, max_num_tiles=4, tile=28, llama3_split=False) -> Path:
     """Save a tiny MllamaForConditionalGeneration (+ MllamaImageProcessorPil, chat template): 28-px tiles of
     4 patches (+ class token), up to 4 tiles, a 3-layer local and 2-layer gated global ViT with layers 0 and 2
     concatenated, a 4-layer Llama decoder with cross-attention at layers 1 and 3. Every gate is non-zero
     (HF initialises them to zero, which would hide the images)."""
     import transformers as T
     folder = Path(folder)
-    ids = _mllama_tokenizer(folder)
+    ids = _mllama_tokenizer(folder, llama3_split)
     vocab = ids["<|image|>"]            # the text vocabulary ends before <|image|>
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=vocab, cross_attention_layers=[1, 3], max_position_embeddings=512,

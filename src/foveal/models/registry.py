@@ -84,7 +84,10 @@ SUPPORTED = {
 # llama.cpp text architecture -> the family whose gguf.py reads and writes it
 GGUF_ARCHITECTURES = {
     "qwen2vl": "qwen2_vl",
+    "mllama": "mllama",          # Ollama's llama3.2-vision: one file, text and vision (families/mllama/gguf.py)
 }
+# GGUF architectures whose one file holds the vision tower too (no mmproj): a vision model when listed
+GGUF_WITH_VISION = frozenset({"mllama"})
 
 
 def family_name(raw: dict) -> str:

@@ -27,7 +27,8 @@ Design decisions
 - A text architecture a family owns (models.registry.GGUF_ARCHITECTURES: qwen2vl) is read here
   as the decoder it is built on (the family's DECODER: llama or qwen2 tensors, keys under its
   own arch) and handed, with the tokenizer, to the family's gguf.read_gguf for its mmproj and
-  its HF config.
+  its HF config. A family whose DECODER is None (mllama: cross-attention layers in the decoder, the
+  vision tower in the same file) reads the whole file itself (`read_gguf_file`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
                 f"GGUF as the model and this file as its mmproj"
             )
         family = gguf_family(arch)   # a family that owns its GGUF mapping (registry.GGUF_ARCHITECTURES)
+        if family is not None and family.DECODER is None:   # it reads the whole file (mllama)
+            return family.read_gguf_file(text, mmproj_path, dtype)
         layout = family.DECODER if family is not None else arch
         if layout not in _HF_TEXT_CLASS:
             raise UnsupportedModelError(

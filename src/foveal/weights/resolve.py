@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foveal.errors import ConfigError, FovealError, ModelNotFoundError, WeightsError
+from foveal.models.registry import GGUF_WITH_VISION
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ResolvedModel:
     name: str  # display name: "llava:7b", "org/name", a folder name
     source: str  # "local" | "hf-cache" | "ollama" | "lmstudio"
     size_bytes: int
-    is_vlm: bool  # HF config with vision_config, or a GGUF with a projector
+    is_vlm: bool  # HF config with vision_config, a GGUF with a projector, or one holding its tower
     template: str | None = None  # chat template found beside it (Ollama template layer)
     system: str | None = None  # default system prompt (Ollama system layer)
     params: dict | None = None  # default options (Ollama params layer: stop, temperature, ...)
@@ -237,6 +238,8 @@ def _gguf_model(shards: list[Path], projector: Path | None, source: str, name: s
                 is_vlm: bool | None = None, **extra) -> ResolvedModel:
     size = sum(p.stat().st_size for p in shards + ([projector] if projector else []))
     vlm = projector is not None if is_vlm is None else is_vlm
+    if not vlm and projector is None:   # a GGUF that holds its own vision tower (Ollama's mllama)
+        vlm = _gguf_architecture(shards[0]) in GGUF_WITH_VISION
     return ResolvedModel("gguf", shards[0], projector, name, source, size, vlm, **extra)
 
 

@@ -163,7 +163,8 @@ def processor(cfg: MllamaConfig, ck: Checkpoint, image_mode: str | None = None) 
                           f"({found})")
     if not ck.template:
         raise ConfigError(f"{ck.path} has no chat template (chat_template.jinja or tokenizer_config.json's "
-                          f"chat_template): an Mllama prompt cannot be built without it")
+                          f"chat_template; in a GGUF, tokenizer.chat_template): an Mllama prompt cannot be built "
+                          f"without it")
     image_config = image_config_for(cfg, ck.image_processor)
     return MllamaProcessor(cfg, PromptBuilder(ck.tokenizer, ck.template, cfg.image_token_id, 1, IMAGE_TOKEN),
                            image_config)
