@@ -84,6 +84,7 @@ SUPPORTED = {
 # llama.cpp text architecture -> the family whose gguf.py reads and writes it
 GGUF_ARCHITECTURES = {
     "qwen2vl": "qwen2_vl",
+    "gemma3": "gemma3",
 }
 
 
