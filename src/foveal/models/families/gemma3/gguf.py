@@ -512,7 +512,7 @@ def _write_mmproj(path: Path, cfg, tensors: dict[str, torch.Tensor], preprocesso
     def planned(gguf_name: str, tensor: torch.Tensor, forced: Q | None = None) -> Planned:
         if tensor.dim() == 1:
             return Planned(gguf_name, tensor, Q.F32)
-        return Planned(gguf_name, tensor, tensor_type(forced or float_type, tensor))
+        return Planned(gguf_name, tensor, tensor_type(float_type if forced is None else forced, tensor))
 
     used = set()
 
