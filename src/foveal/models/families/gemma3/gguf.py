@@ -33,6 +33,8 @@ Design decisions
   Gemma 3 (Gemma3ForCausalLM) is not a family foveal has; such a file is refused by name.
 - Image tokens: the vocabulary's `<start_of_image>`, `<end_of_image>` and `<image_soft_token>` (the rows the
   image fills); a vocabulary without one of them is refused.
+- Pan-and-scan has no mmproj key (llama.cpp does not crop Gemma 3 images): a GGUF pair reads without it, and an
+  export of a checkpoint that turns it on says so in a warning.
 - The mmproj is F16 (F32 for an F32 export) except what the converter keeps F32: 1-D tensors and the patch
   and position embeddings; the input projection is F16 as the converter forces it.
 """
@@ -485,10 +487,14 @@ def _write_text_model(path: Path, cfg, tensors: dict[str, torch.Tensor], ckpt: H
 def _write_mmproj(path: Path, cfg, tensors: dict[str, torch.Tensor], preprocessor: dict[str, Any], float_type: Q,
                   name: str) -> None:
     from .family import image_config
+    from .pan_and_scan import PanAndScan
     v = cfg.vision
     if v.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
         raise UnsupportedModelError(f"vision activation {v.hidden_act!r}: llama.cpp's gemma3 tower is GELU")
     processor = image_config(cfg, preprocessor)       # the family's checks (size = the tower's, ...)
+    if PanAndScan.from_hf(preprocessor) is not None:
+        log.warning("preprocessor_config.json turns on pan-and-scan, which llama.cpp's gemma3 mmproj has no key for: "
+                    "the GGUF pair sees each image whole, without crops")
     writer = gguf.GGUFWriter(path=None, arch="clip")
     writer.add_type("mmproj")
     writer.add_name(name)
