@@ -308,3 +308,62 @@ def test_export_refuses_what_llama_cpp_would_run_differently(exported, tmp_path)
     with pytest.raises(UnsupportedModelError, match="sliding layers with an unscaled RoPE"):
         write_gguf(ckpt, tmp_path, type="f32")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_a_single_file_with_the_vision_tower_inside_is_refused_by_name(exported, tmp_path):
+    """Ollama's own Gemma 3 blobs keep `v.*` / `mm.*` tensors in the text model's file."""
+    model, mmproj = exported.f32
+    reader = gguf.GGUFReader(model)
+    writer = gguf.GGUFWriter(tmp_path / "one.gguf", "gemma3")
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in [*reader.tensors, *gguf.GGUFReader(mmproj).tensors]:
+        writer.add_tensor(tensor.name, np.asarray(tensor.data).reshape(tuple(int(n) for n in reversed(tensor.shape))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="vision tower in the language model's file.*plus its mmproj"):
+        foveal.load(str(tmp_path / "one.gguf"))
+
+
+# ---- llama.cpp itself on the export (optional: llama-cpp-python is not in CI, see tests/test_llama_cpp.py) ----
+@pytest.fixture(scope="module")
+def llama(exported):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(exported.f32[0]), n_ctx=256, n_threads=2, n_gpu_layers=0, logits_all=True,
+                          verbose=False)
+    yield llm
+    llm.close()
+
+
+def test_llama_cpp_reads_the_export_to_foveals_tokens_and_logits(exported, llama):
+    """Names, norms (+1), the sliding-window pattern, both RoPEs and the attention scale as llama.cpp reads them."""
+    ours = exported.ours
+    for text in ["hello world, the quick brown fox", "<start_of_turn>user\nhi<end_of_turn>\n", "unseen 🚀€"]:
+        assert llama.tokenize(text.encode(), add_bos=True, special=True) == ours.tokenizer.tok.encode(text).ids, text
+    messages = [{"role": "user", "content": "Describe the picture in detail. The quick brown fox jumps."}]
+    ids, logits = ours.prompt_logits(messages)
+    assert len(ids) > 2 * ours.config.text.sliding_window
+    llama.reset()
+    llama.eval(ids)
+    theirs = torch.from_numpy(np.array(llama.scores[:len(ids)], dtype=np.float32))
+    diff = (theirs - logits).abs().max().item() / logits.abs().max().item()
+    print(f"llama.cpp vs foveal, F32 gemma3 GGUF: max |logit diff| {diff:.2%} of max |logit|")
+    assert diff <= 1e-2 and (theirs.argmax(-1) == logits.argmax(-1)).float().mean() >= 0.95
+
+
+def test_llama_cpps_mtmd_encodes_the_exported_mmproj_to_foveals_embeddings(exported, llama):
+    """mtmd's gemma3 graph (pooling by clip.vision.projector.scale_factor, soft_emb_norm, input projection) on a
+    32-px image (no resize on either side)."""
+    from test_llama_cpp import llama_cpp_image_embeddings
+    ours = exported.ours
+    image = _image((32, 32), 7)
+    theirs = llama_cpp_image_embeddings(llama, exported.f32[1], image)
+    with torch.inference_mode():
+        mine = ours.model.encode(ours.processor.pixels(ours.processor.prepare(_ask("x", image),
+                                                                               ours.image_limits).images))[0]
+    assert theirs.shape == mine.shape == (4, 64)
+    assert (mine - theirs).abs().max() <= 3e-3 * mine.abs().max()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -125,6 +124,10 @@ def _query_scalar(n_layers: int, hidden: int, heads: int, head_dim: int) -> floa
 def read_text_model(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict[str, Any], LazyTensors]:
     """The decoder of a gemma3 GGUF as an HF Gemma3TextConfig dict and `language_model.*` tensors."""
     meta, names = gf.metadata, gf.tensors
+    if any(name.startswith(("v.", "mm.")) for name in names):
+        raise UnsupportedModelError(
+            f"{gf.path} holds the vision tower in the language model's file (Ollama's own Gemma 3 layout); foveal "
+            f"reads llama.cpp's layout, a gemma3 text model plus its mmproj file (convert_hf_to_gguf.py --mmproj)")
     blocks: dict[int, set[str]] = {}
     for name in names:
         if m := _BLOCK_TENSOR.fullmatch(name):
