@@ -73,7 +73,7 @@ def test_prompt_ids_pixels_and_logits_match_transformers(pair, size):
     ids, logits = ours.prompt_logits(messages)
     assert ids == ref["input_ids"][0].tolist()
     assert ref["token_type_ids"][0].bool().tolist() == ours.processor.prepare(messages, ours.image_limits).image_mask
-    pixels = ours.processor.pixels(ours.processor.prepare(messages, ours.image_limits).images)
+    pixels, counts = ours.processor.pixels(ours.processor.prepare(messages, ours.image_limits).images)
     assert torch.equal(pixels, ref["pixel_values"])
     assert len(ids) > ours.config.text.sliding_window
     assert (logits - _hf_logits(hf, ref)).abs().max().item() <= 1e-4
@@ -233,10 +233,73 @@ def test_bad_configs_are_refused_by_name(pair, tmp_path, edit, named):
 
 
 @pytest.mark.parametrize("edit, named", [
-    (lambda d: d.update(do_pan_and_scan=True), "do_pan_and_scan"),
+    (lambda d: d.update(do_pan_and_scan="yes"), "do_pan_and_scan must be true or false"),
+    (lambda d: d.update(do_pan_and_scan=True, pan_and_scan_max_num_crops=0), "pan_and_scan_max_num_crops must be"),
+    (lambda d: d.update(do_pan_and_scan=True, pan_and_scan_min_ratio_to_activate=-1),
+     "pan_and_scan_min_ratio_to_activate must be a positive number"),
     (lambda d: d.update(size={"height": 64, "width": 64}), "makes 64x64 px images.*takes 32x32"),
 ])
 def test_bad_image_processor_configs_are_refused(pair, tmp_path, edit, named):
     folder, *_ = pair
     with pytest.raises(ConfigError, match=named):
         foveal.load(str(_edited(folder, tmp_path, edit, file="preprocessor_config.json")))
+
+
+# ---- pan-and-scan ------------------------------------------------------------------------------
+# transformers' Gemma3Processor passes its own images_kwargs defaults (off, 256 px, 4 crops, ratio 1.2) over the
+# image processor's saved values, so its reference is asked for the saved values explicitly
+PAN_AND_SCAN = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=16, pan_and_scan_max_num_crops=4,
+                    pan_and_scan_min_ratio_to_activate=1.2)
+
+
+@pytest.fixture(scope="module")
+def pan_and_scan(pair, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma3-pas") / "model"
+    shutil.copytree(pair[0], folder)
+    d = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(d | PAN_AND_SCAN))
+    return foveal.load(str(folder), dtype="float32"), pair[2], pair[3]
+
+
+def _hf_pas_inputs(processor, messages):
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt", processor_kwargs=PAN_AND_SCAN)
+
+
+@pytest.mark.parametrize("sizes, views", [([(333, 57)], [5]), ([(57, 333)], [5]), ([(50, 37)], [3]),
+                                          ([(90, 90)], [1]), ([(100, 60), (64, 200)], [3, 4])])
+def test_pan_and_scan_crops_prompt_and_logits_match_transformers(pan_and_scan, sizes, views):
+    """Wide, tall, barely wide (2 crops), square (none) and two images: pixel values, the prompt with HF's
+    "Here is the original image ... crops" text, the image-token layout and the logits."""
+    ours, hf, processor = pan_and_scan
+    messages = _ask("What is in this image?", *(_image(s, i) for i, s in enumerate(sizes)))
+    ref = _hf_pas_inputs(processor, messages)
+    p = ours.processor.prepare(messages, ours.image_limits)
+    pixels, counts = ours.processor.pixels(p.images)
+    assert counts == views and torch.equal(pixels, ref["pixel_values"])
+    ids, logits = ours.prompt_logits(messages)
+    assert ids == ref["input_ids"][0].tolist()
+    assert p.image_mask == ref["token_type_ids"][0].bool().tolist()
+    assert (views[0] > 1) == ("and here are some crops to help you see better" in ours.tokenizer.decode(ids))
+    assert [c.n_tokens for c in p.images] == [4 * v for v in views] == [ours.image_tokens((h, w)) for w, h in sizes]
+    assert ours.count_tokens(messages) == len(ids)
+    assert (logits - _hf_logits(hf, ref)).abs().max().item() <= 1e-4
+
+
+def test_pan_and_scan_greedy_tokens_match_transformers(pan_and_scan):
+    ours, hf, processor = pan_and_scan
+    messages = _ask("Describe the picture in detail.", _image((333, 57), 4))
+    r = _greedy(ours, messages)
+    assert r.token_ids == _hf_greedy(hf, _hf_pas_inputs(processor, messages))
+    assert r.stats.image_tokens == 20
+    d = ours.describe()
+    assert d["pan_and_scan"] is True and d["max_image_tokens"] == 20
+
+
+def test_pan_and_scan_settings_left_null_keep_it_off(pair, tmp_path):
+    """The hub's preprocessor configs hold nulls: Gemma3Processor's defaults, pan-and-scan off."""
+    folder, *_ = pair
+    ours = foveal.load(str(_edited(folder, tmp_path, lambda d: d.update(
+        do_pan_and_scan=None, pan_and_scan_min_crop_size=None, pan_and_scan_max_num_crops=None,
+        pan_and_scan_min_ratio_to_activate=None), file="preprocessor_config.json")), dtype="float32")
+    assert ours.describe()["pan_and_scan"] is False and ours.image_tokens((57, 333)) == 4

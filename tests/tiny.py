@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 CORPUS = [
     "USER: What is in this image? ASSISTANT: A red circle and a blue square.",
@@ -777,20 +777,55 @@ def _gemma3_tokenizer(folder: Path) -> dict:
     return {"vocab_size": tok.get_vocab_size(), **{t: tok.token_to_id(t) for t in GEMMA3_SPECIALS}}
 
 
+def _gemma3_sentencepiece_tokenizer(folder: Path) -> dict:
+    """Gemma's own tokenizer.json form (transformers' GemmaTokenizer): BPE with byte fallback over `▁`-spelled
+    pieces, `<0xXX>` byte pieces, a Replace(" ", "▁") normalizer without a prefix space, merges in piece-score
+    order (how a SentencePiece model converts), <bos> added; pad 0, eos 1, bos 2, unk 3, then the turn and image
+    specials, `<image_soft_token>` last (262144 in the real vocabulary), and one plain added token."""
+    from transformers.tokenization_utils_base import generate_merges
+    trainer = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer.train_from_iterator(CORPUS * 3 + ["\n\n model user"] * 3,
+                                trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    learned = trainer.get_vocab()
+    pieces = sorted(learned, key=learned.get)
+    specials = [t for t in GEMMA3_SPECIALS if t != "<image_soft_token>"]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<mask>", "<image_soft_token>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = generate_merges({p: vocab[p] for p in pieces}, {p: -float(vocab[p]) for p in pieces})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in [*specials, "<image_soft_token>"]])
+    tok.add_tokens([AddedToken("<mask>", special=False, normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", vocab["<bos>"])])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    cfg = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+           "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, **GEMMA3_TOKENS}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return {"vocab_size": tok.get_vocab_size(), **{t: vocab[t] for t in GEMMA3_SPECIALS}}
+
+
 def build_gemma3(folder: Path, *, tie=True, seed=0, sliding_window=8, image_size=32, patch=8, mm_tokens=4,
                  layer_types=("sliding_attention", "full_attention", "sliding_attention"),
-                 rope_scaling=None) -> Path:
+                 rope_scaling=None, query_pre_attn_scalar=24, tokenizer="bpe") -> Path:
     """Save a tiny Gemma3ForConditionalGeneration (+ its image processor and chat template): a 2-layer SigLIP
     over 32-px images in 8-px patches (4x4, average-pooled to 2x2 = `mm_tokens` soft tokens), a 3-layer Gemma 3
     decoder (sliding, global, sliding; window 8, shorter than every prompt) with head_dim 16, query_pre_attn_scalar
-    24, a linearly scaled global RoPE (factor 8, as gemma-3-4b) and the local base 10,000."""
+    24, a linearly scaled global RoPE (factor 8, as gemma-3-4b) and the local base 10,000. tokenizer="sentencepiece":
+    Gemma's own tokenizer form (byte fallback, `▁` pieces) instead of a byte-level BPE."""
     import transformers as T
     folder = Path(folder)
-    vocab = _gemma3_tokenizer(folder)
+    vocab = _gemma3_sentencepiece_tokenizer(folder) if tokenizer == "sentencepiece" else _gemma3_tokenizer(folder)
     rope = {"full_attention": rope_scaling or {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
     text = T.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              query_pre_attn_scalar=query_pre_attn_scalar,
                               vocab_size=vocab["vocab_size"], max_position_embeddings=512,
                               sliding_window=sliding_window, layer_types=list(layer_types), rope_parameters=rope,
                               bos_token_id=vocab["<bos>"], eos_token_id=[vocab["<eos>"], vocab["<end_of_turn>"]],

@@ -85,6 +85,7 @@ SUPPORTED = {
 GGUF_ARCHITECTURES = {
     "qwen2vl": "qwen2_vl",
     "mllama": "mllama",          # Ollama's llama3.2-vision: one file, text and vision (families/mllama/gguf.py)
+    "gemma3": "gemma3",
 }
 # GGUF architectures whose one file holds the vision tower too (no mmproj): a vision model when listed
 GGUF_WITH_VISION = frozenset({"mllama"})

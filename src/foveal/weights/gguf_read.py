@@ -27,8 +27,9 @@ Design decisions
 - A text architecture a family owns (models.registry.GGUF_ARCHITECTURES: qwen2vl) is read here
   as the decoder it is built on (the family's DECODER: llama or qwen2 tensors, keys under its
   own arch) and handed, with the tokenizer, to the family's gguf.read_gguf for its mmproj and
-  its HF config. A family whose DECODER is None (mllama: cross-attention layers in the decoder, the
-  vision tower in the same file) reads the whole file itself (`read_gguf_file`).
+  its HF config. A family whose decoder is neither reads it with its own `read_text_model`
+  (gemma3; the tokenizer is still read here), and one whose file holds the vision tower too reads
+  the whole file itself with `read_gguf_file` (mllama: cross-attention layers in the decoder).
 """
 
 from __future__ import annotations
@@ -95,15 +96,18 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
                 f"GGUF as the model and this file as its mmproj"
             )
         family = gguf_family(arch)   # a family that owns its GGUF mapping (registry.GGUF_ARCHITECTURES)
-        if family is not None and family.DECODER is None:   # it reads the whole file (mllama)
+        if family is not None and hasattr(family, "read_gguf_file"):   # it reads the whole file (mllama)
             return family.read_gguf_file(text, mmproj_path, dtype)
-        layout = family.DECODER if family is not None else arch
-        if layout not in _HF_TEXT_CLASS:
-            raise UnsupportedModelError(
-                f"{text.path}: GGUF architecture {arch!r} is not supported "
-                f"(foveal reads {', '.join([*_HF_TEXT_CLASS, *GGUF_ARCHITECTURES])} language models)"
-            )
-        config, tensors = _read_text_model(text, arch, dtype, layout)
+        if family is not None and hasattr(family, "read_text_model"):   # its own decoder (gemma3)
+            config, tensors = family.read_text_model(text, dtype)
+        else:
+            layout = family.DECODER if family is not None else arch
+            if layout not in _HF_TEXT_CLASS:
+                raise UnsupportedModelError(
+                    f"{text.path}: GGUF architecture {arch!r} is not supported "
+                    f"(foveal reads {', '.join([*_HF_TEXT_CLASS, *GGUF_ARCHITECTURES])} language models)"
+                )
+            config, tensors = _read_text_model(text, arch, dtype, layout)
         vocab = vocab_from_metadata(text.metadata, config["vocab_size"])
     except BaseException:
         text.close()

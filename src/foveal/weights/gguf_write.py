@@ -282,30 +282,7 @@ def write_text_model(
 
     image_token = ckpt.config.get("image_token_index") if ckpt.is_vlm else None
     placeholder = image_token if isinstance(image_token, int) and image_token >= vocab_size else None
-    vocab = vocab_from_tokenizer(ckpt.tokenizer_json, ckpt.tokenizer_config, vocab_size, placeholder=placeholder)
-    writer.add_tokenizer_model(vocab.model)
-    if vocab.pre:
-        writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    if vocab.scores is not None:
-        writer.add_token_scores(vocab.scores)
-    if vocab.merges:
-        writer.add_token_merges(vocab.merges)
-    elif vocab.model == "gpt2":      # gguf cannot write an empty array, and no reader takes the file without
-        raise WeightsError("the tokenizer is a byte-level BPE without merges: a GGUF needs tokenizer.ggml.merges "
-                           "(llama.cpp refuses the file: \"cannot find tokenizer merges in model file\"); "
-                           "export a model whose tokenizer has at least one merge")
-    for add_id, token_id in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
-                             (writer.add_unk_token_id, vocab.unk_id), (writer.add_pad_token_id, vocab.pad_id)):
-        if token_id is not None:
-            add_id(token_id)
-    writer.add_add_bos_token(vocab.add_bos)
-    writer.add_add_eos_token(vocab.add_eos)
-    if vocab.add_space_prefix is not None:
-        writer.add_add_space_prefix(vocab.add_space_prefix)
-    if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
+    add_vocab(writer, ckpt, vocab_size, placeholder=placeholder)
 
     def text_type(gguf_name: str, tensor: torch.Tensor) -> Q:
         if tensor.dim() == 1:
@@ -335,6 +312,35 @@ def write_text_model(
     if rope_freqs is not None:
         plan.append(Planned("rope_freqs.weight", torch.from_numpy(rope_freqs), Q.F32))
     write_tensors(writer, path, plan)
+
+
+def add_vocab(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, vocab_size: int, *, placeholder: int | None = None) -> None:
+    """tokenizer.ggml.* and the chat template for `ckpt`'s tokenizer, padded to `vocab_size` rows (a family
+    module writing its own text model calls this too)."""
+    vocab = vocab_from_tokenizer(ckpt.tokenizer_json, ckpt.tokenizer_config, vocab_size, placeholder=placeholder)
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    elif vocab.model == "gpt2":      # gguf cannot write an empty array, and no reader takes the file without
+        raise WeightsError("the tokenizer is a byte-level BPE without merges: a GGUF needs tokenizer.ggml.merges "
+                           "(llama.cpp refuses the file: \"cannot find tokenizer merges in model file\"); "
+                           "export a model whose tokenizer has at least one merge")
+    for add_id, token_id in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
+                             (writer.add_unk_token_id, vocab.unk_id), (writer.add_pad_token_id, vocab.pad_id)):
+        if token_id is not None:
+            add_id(token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
 
 
 def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,11 @@ Design decisions:
   to the tokens it prefills after a reused prefix), which hands them to the decoder and forgets them (as
   Qwen3-VL keeps its deepstack rows). A decode step needs no mask beyond the sliding window.
 - Pixels: Gemma3ImageProcessor's resize to size (bilinear), rescale and normalize (mean = std = 0.5) with
-  processing.images' HF-exact steps. Pan-and-scan (`do_pan_and_scan`) is refused by name, not run.
+  processing.images' HF-exact steps. With `do_pan_and_scan` (pan_and_scan.py), a wide or tall image is also
+  shown as crops: one ImageChunk per image whose views are [image, crops...], each taking mm_tokens_per_image
+  rows, with HF's "Here is the original image ... crops" text around them; `pixels` returns the views and the
+  count per image, `encode` joins each image's rows. The setting is the checkpoint's, not a request's (the
+  request seam has no per-request processor options).
 - Checkpoint names are the shared rules' (`language_model.model.*` / `model.language_model.*`,
   `vision_tower.vision_model.*` / `model.vision_tower.vision_model.*`, `multi_modal_projector.*`).
 """
@@ -34,6 +38,7 @@ from ...interface import Checkpoint, ImageChunk, Prepared
 from ...vision import VisionTower
 from ...vlm import DecoderVLM
 from .config import ARCHITECTURE, NAME, Gemma3Config, config  # noqa: F401 - config is the family's
+from .pan_and_scan import PanAndScan, image_text
 from .text import Gemma3TextModel, GemmaRMSNorm, image_blocks
 from ..common import config_as_loaded
 
@@ -67,9 +72,6 @@ def config_to_hf(cfg: Gemma3Config, raw: dict) -> dict:
 def image_config(cfg: Gemma3Config, d: dict | None) -> ImageProcessorConfig:
     """preprocessor_config.json (Gemma3ImageProcessor's keys; absent or null ones take its defaults)."""
     d = {k: v for k, v in (d or {}).items() if v is not None}
-    if d.get("do_pan_and_scan"):
-        raise ConfigError("preprocessor_config.json sets do_pan_and_scan: foveal does not run Gemma 3's "
-                          "pan-and-scan crops yet; set it to false (the default)")
     v = IMAGE_DEFAULTS | {k: d[k] for k in IMAGE_DEFAULTS if k in d}
     size = v["size"]
     if isinstance(size, int):
@@ -114,11 +116,13 @@ def processor(cfg: Gemma3Config, ck: Checkpoint, image_mode: str | None = None) 
     prompt = PromptBuilder(ck.tokenizer, ck.template, cfg.image_token_id, cfg.mm_tokens_per_image, boi)
     # Gemma3Processor.full_image_sequence: what each <start_of_image> becomes
     sequence = f"\n\n{boi}{soft * cfg.mm_tokens_per_image}{eoi}\n\n"
-    return Gemma3Processor(cfg, prompt, image_config(cfg, ck.image_processor), sequence)
+    return Gemma3Processor(cfg, prompt, image_config(cfg, ck.image_processor), sequence,
+                           PanAndScan.from_hf(ck.image_processor or {}))
 
 
 def describe(cfg: Gemma3Config, processor=None) -> dict:
     v, t = cfg.vision, cfg.text
+    pas = getattr(processor, "pan_and_scan", None)
     return {
         "family": NAME,
         "architecture": cfg.architecture,
@@ -132,7 +136,8 @@ def describe(cfg: Gemma3Config, processor=None) -> dict:
         "vision_layers": v.num_hidden_layers,
         "vision_hidden_size": v.hidden_size,
         "image_tokens_per_image": cfg.mm_tokens_per_image,
-        "max_image_tokens": cfg.mm_tokens_per_image,
+        "max_image_tokens": cfg.mm_tokens_per_image * (1 + (pas.max_num_crops if pas else 0)),
+        "pan_and_scan": pas is not None,
         "image_grid_pinpoints": None,
         "sliding_window": t.sliding_window,
         "global_layers": [i for i in range(t.num_hidden_layers) if not t.is_sliding(i)],
@@ -147,6 +152,10 @@ def plan_vision(cfg: Gemma3Config, images: int, dbytes: int, image_processor: di
                 processor=None) -> tuple[int, int, list[str]]:
     """(tokens per image, bytes of activations to encode `images` images in one batch, notes)."""
     per_image, v = cfg.mm_tokens_per_image, cfg.vision
+    pas = PanAndScan.from_hf(image_processor or {})
+    views = 1 + (pas.max_num_crops if pas else 0)          # at most: the image and its crops
+    per_image *= views
+    images *= views
     if images == 0:
         return per_image, 0, []
     t = v.num_patches
@@ -207,11 +216,14 @@ class Gemma3Model(DecoderVLM):
     def vision_device(self) -> torch.device:
         return self.vision_tower.embeddings.patch_embedding.weight.device
 
-    def encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 3, S, S) -> one (mm_tokens_per_image, D_text) embedding per image."""
-        x = pixels.to(self.vision_device)
+    def encode(self, pixels) -> list[torch.Tensor]:
+        """(views (N, 3, S, S), views per image) -> one (views * mm_tokens_per_image, D_text) embedding per image;
+        a bare (N, 3, S, S) is one view per image."""
+        views, counts = pixels if isinstance(pixels, tuple) else (pixels, [1] * pixels.shape[0])
+        x = views.to(self.vision_device)
         with matmuls(x, rows=x.shape[0] * max(self.cfg.vision.num_patches, 2)):
-            return list(self.multi_modal_projector(self.vision_tower(x)))
+            rows = self.multi_modal_projector(self.vision_tower(x))                # (N, mm_tokens, D)
+        return [r.reshape(-1, r.shape[-1]) for r in rows.split(counts)]
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,38 +250,60 @@ class Gemma3Model(DecoderVLM):
 
 
 class Gemma3Processor:
-    """Messages -> token ids with each image's `<start_of_image>` expanded as Gemma3Processor expands it."""
+    """Messages -> token ids with each image's `<start_of_image>` expanded as Gemma3Processor expands it (with its
+    pan-and-scan crops when the checkpoint turns them on)."""
 
-    def __init__(self, cfg: Gemma3Config, prompt: PromptBuilder, image_config: ImageProcessorConfig, sequence: str):
+    def __init__(self, cfg: Gemma3Config, prompt: PromptBuilder, image_config: ImageProcessorConfig, sequence: str,
+                 pan_and_scan: PanAndScan | None = None):
         self.cfg, self.prompt, self.image_config, self.sequence = cfg, prompt, image_config, sequence
+        self.pan_and_scan = pan_and_scan
 
-    def _prompt(self, template_messages, n_images: int):
-        return self.prompt.build(template_messages, n_images=n_images, image_texts=[self.sequence] * n_images)
+    def _boxes(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        return self.pan_and_scan.boxes(width, height) if self.pan_and_scan else []
+
+    def _prompt(self, template_messages, crops: list[int]):
+        n = self.cfg.mm_tokens_per_image
+        return self.prompt.build(template_messages, n_images=len(crops), image_tokens=[n * (1 + c) for c in crops],
+                                 image_texts=[image_text(self.sequence, c) for c in crops])
 
     def image_tokens(self, size: tuple[int, int]) -> int:
-        return self.cfg.mm_tokens_per_image
+        """Tokens of an image of (height, width) `size`: its own, and its crops'."""
+        return self.cfg.mm_tokens_per_image * (1 + len(self._boxes(*size)))
 
     def _build(self, messages, limits, budget=None):
         template_messages, sources = normalize_messages(messages, self.prompt.template, model="a Gemma 3 model")
-        inputs = self._prompt(template_messages, len(sources))   # prompt errors before decoding
-        loaded = [load_image(src, limits) for src in sources]
+        if self.pan_and_scan is None:
+            inputs = self._prompt(template_messages, [0] * len(sources))   # prompt errors before decoding
+            loaded = [load_image(src, limits) for src in sources]
+            boxes = [[] for _ in loaded]
+        else:                       # the crops, and so the prompt, depend on each image's size
+            loaded = [load_image(src, limits) for src in sources]
+            boxes = [self._boxes(im.height, im.width) for im in loaded]
+            inputs = self._prompt(template_messages, [len(b) for b in boxes])
         n = self.cfg.mm_tokens_per_image
-        if budget and loaded:
+        chunks = [ImageChunk(im, n * (1 + len(b)), options=b) for im, b in zip(loaded, boxes)]
+        if budget and chunks:
             lo, hi = budget
-            if (lo is not None and n < lo) or (hi is not None and n > hi):
-                raise PromptError(f"a Gemma 3 image takes {n} tokens whatever its size, outside the request's "
-                                  f"image-token budget ({lo or 1}-{hi or 'any'})")
-        return inputs, [ImageChunk(im, n) for im in loaded]
+            for c in chunks:
+                if (lo is not None and c.n_tokens < lo) or (hi is not None and c.n_tokens > hi):
+                    raise PromptError(f"a Gemma 3 image of {c.size[1]}x{c.size[0]} px takes {c.n_tokens} tokens, "
+                                      f"outside the request's image-token budget ({lo or 1}-{hi or 'any'})")
+        return inputs, chunks
 
     def prepare(self, messages, limits, budget=None) -> Prepared:
         inputs, chunks = self._build(messages, limits, budget)
         return Prepared(inputs.input_ids, inputs.image_mask, chunks, text=inputs.text)
 
     def count_tokens(self, messages, limits, budget=None) -> int:
+        if self.pan_and_scan is not None or budget:
+            return len(self._build(messages, limits, budget)[0].input_ids)
         template_messages, sources = normalize_messages(messages, self.prompt.template, model="a Gemma 3 model")
-        if budget and sources:
-            self._build(messages, limits, budget)
-        return len(self._prompt(template_messages, len(sources)).input_ids)
+        return len(self._prompt(template_messages, [0] * len(sources)).input_ids)
 
-    def pixels(self, chunks: list[ImageChunk]) -> torch.Tensor:
-        return preprocess_batch([c.image.image for c in chunks], self.image_config)
+    def pixels(self, chunks: list[ImageChunk]) -> tuple[torch.Tensor, list[int]]:
+        """(views (N, 3, S, S) float32: each image, then its crops; views per image)."""
+        views = []
+        for c in chunks:
+            image = c.image.image
+            views += [image, *(image.crop(box) for box in c.options or ())]
+        return preprocess_batch(views, self.image_config), [1 + len(c.options or ()) for c in chunks]
