@@ -368,7 +368,8 @@ def test_bind_refuses_public_address_without_key():
 def test_api_key_required_except_health(vlm):
     with LiveServer(vlm, api_key="s3cret") as s, httpx.Client(base_url=s.url, timeout=30) as c:
         assert c.get("/health").status_code == 200
-        for method, path in (("GET", "/api/tags"), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/"),
+        assert c.get("/").text == "foveal is running"          # as the static web page: no data, no key
+        for method, path in (("GET", "/api/tags"), ("GET", "/v1/models"), ("GET", "/metrics"),
                              ("POST", "/api/chat"), ("POST", "/v1/chat/completions")):
             r = c.request(method, path)
             assert r.status_code == 401 and "API key" in json.dumps(r.json()), path

@@ -104,14 +104,6 @@ def create_app(config: ServerConfig | None = None, registry: ModelRegistry | Non
     async def _unexpected(request: Request, e: Exception):
         return _fail(request, as_api_error(e))
 
-    @app.get("/", response_class=PlainTextResponse)
-    async def root():
-        return "foveal is running"
-
-    @app.head("/", include_in_schema=False)
-    async def root_head():
-        return Response(media_type="text/plain")
-
     @app.get("/health")
     async def health():
         entries = registry.entries.values()
@@ -123,7 +115,8 @@ def create_app(config: ServerConfig | None = None, registry: ModelRegistry | Non
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    from . import ollama, openai, upload
+    from . import ollama, openai, upload, web
+    app.include_router(web.router)
     app.include_router(ollama.router)
     app.include_router(openai.router)
     app.include_router(upload.router)
@@ -157,5 +150,5 @@ def serve(models: list, config: ServerConfig, load_kwargs: dict | None = None) -
     app = create_app(config, registry, metrics)
     import sys
     print(f"foveal serving {', '.join(registry.entries)} on http://{config.host}:{config.port} "
-          f"(Ollama API at /api, OpenAI API at /v1)", file=sys.stderr)
+          f"(Ollama API at /api, OpenAI API at /v1, chat page at /)", file=sys.stderr)
     uvicorn.Server(uvicorn_config(app, config)).run()

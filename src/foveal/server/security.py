@@ -7,7 +7,8 @@ Design decisions:
 - Host header allow-list against DNS rebinding: loopback names and addresses always; when bound to
   a non-loopback address, also that address and any IP literal; plus the operator's extra names
   ("*" allows every host). Checked before auth, on every route.
-- The API key is compared with `hmac.compare_digest`; `/health` stays open for probes. CORS
+- The API key is compared with `hmac.compare_digest`; `/health` stays open for probes, and so does
+  the static web page (server/web.py: the same bytes for everyone, no data). CORS
   preflight (OPTIONS with an Origin) passes to the CORS middleware, which sits inside this one.
 - The body limit is enforced twice: on Content-Length at once, and on the bytes actually received
   (chunked uploads), raising `BodyTooLarge`, which the app maps to 413.
@@ -27,6 +28,7 @@ import time
 from .config import ServerConfig, is_loopback
 from .errors import APIError, BodyTooLarge, error_body, header_too_large, is_openai
 from .metrics import Metrics
+from .web import PREFIX as WEB_PREFIX, is_public_page
 
 access_log = logging.getLogger("foveal.server.access")
 OPEN_PATHS = {"/health"}
@@ -93,7 +95,7 @@ class Guard:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         path = scope.get("path", "")
-        route = path if path in KNOWN_ROUTES else "other"
+        route = path if path in KNOWN_ROUTES else WEB_PREFIX if path.startswith(WEB_PREFIX) else "other"
         headers = {}
         for k, v in scope.get("headers", []):
             headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
@@ -133,7 +135,8 @@ class Guard:
             return APIError(403, f"Host header {shown!r} is not allowed (DNS rebinding protection); the "
                                  f"operator can allow it with --allowed-host", "host_not_allowed")
         preflight = scope.get("method") == "OPTIONS" and "origin" in headers and self.config.cors_origins
-        if self._key is not None and path not in OPEN_PATHS and not preflight:
+        if self._key is not None and path not in OPEN_PATHS and not preflight \
+                and not is_public_page(scope.get("method", ""), path):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
