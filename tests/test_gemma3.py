@@ -13,21 +13,15 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 import foveal
 from foveal.errors import ConfigError
 from foveal.models import registry
 from foveal.models.families.gemma3 import config as gemma3_config
 from tiny import build_gemma3, hf_gemma3, hf_gemma3_processor
+from tiny import ask as _ask, random_image as _image
 
 SIZES = [(50, 37), (333, 57), (16, 16)]      # (width, height): odd, wide, smaller than the tower's 32 px
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +33,6 @@ def pair(tmp_path_factory):
 def _hf_inputs(processor, messages):
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                          return_tensors="pt")
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 def _hf_logits(hf, inputs):

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q, TokenType
-from PIL import Image
 from safetensors.torch import load_file
 
 import foveal
@@ -27,17 +26,7 @@ from foveal.errors import UnsupportedModelError, WeightsError
 from foveal.models.families.gemma3.gguf import _attention_layout, _query_scalar
 from foveal.weights.gguf import GGUFFile, read_gguf, read_hf_folder, write_gguf
 from tiny import build_gemma3, hf_gemma3, hf_gemma3_processor
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
+from tiny import ask as _ask, random_image as _image
 
 
 def _hf_inputs(processor, messages):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from PIL import Image
 from safetensors.torch import load_file
 
 import foveal
@@ -23,19 +22,9 @@ from foveal.cli import main as cli_main
 from foveal.errors import UnsupportedModelError, WeightsError
 from foveal.weights.gguf import GGUFFile, read_hf_folder, write_gguf
 from tiny import QWEN_VL_PIXELS, build_qwen2_vl
+from tiny import ask as _ask, random_image as _image
 
 KINDS = ("qwen2_vl", "qwen2_5_vl")
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 @pytest.fixture(scope="module", params=KINDS)

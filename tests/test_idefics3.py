@@ -13,22 +13,16 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 import foveal
 from foveal.errors import ConfigError, PromptError
 from foveal.models.families.idefics3.image_processing import Idefics3ImageConfig, grid
 from tiny import build_idefics3, hf_idefics3, hf_idefics3_processor
+from tiny import ask as _ask, random_image as _image
 
 LONGEST = {"idefics3": 96, "smolvlm": 64}
 # tall, wide, smaller than a tile (grown to the longest edge like every image), square
 SIZES = [(40, 150), (200, 50), (20, 24), (64, 64)]      # (width, height)
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
 @pytest.fixture(scope="module", params=list(LONGEST))
@@ -44,11 +38,6 @@ def _hf_inputs(processor, messages, images):
     hf_messages = [{"role": m["role"], "content": c} for m, c in zip(messages, parts)]
     text = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
     return processor(text=[text], images=[images] if images else None, return_tensors="pt")
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 def _check_pixels(ours, messages, ref_inputs):

@@ -14,11 +14,11 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 import foveal
 from foveal.errors import ConfigError, PromptError
 from tiny import INTERNVL_TILE, build_internvl, hf_internvl, hf_internvl_processor
+from tiny import ask as _ask, random_image as _image
 
 TOWERS = {
     "internvl3": dict(),
@@ -27,12 +27,6 @@ TOWERS = {
 }
 # (width, height): tall, wide, smaller than a tile, square-ish odd
 SIZES = [(60, 100), (200, 40), (20, 14), (57, 61)]
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
 @pytest.fixture(scope="module", params=list(TOWERS))
@@ -48,11 +42,6 @@ def _hf_inputs(processor, messages, images):
     text = processor.apply_chat_template([{"role": m["role"], "content": c} for m, c in zip(messages, parts)],
                                          add_generation_prompt=True, tokenize=False)
     return processor(text=[text], images=images or None, return_tensors="pt")
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 def _logits(hf, inputs):

@@ -14,7 +14,6 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 import foveal
 from foveal.errors import ConfigError
@@ -22,15 +21,10 @@ from foveal.models import registry
 from foveal.models.families import mllama
 from foveal.models.families.mllama.family import dense_cross_attention_mask
 from tiny import build_mllama, hf_mllama, hf_mllama_processor
+from tiny import ask as _ask, random_image as _image
 
 # (width, height): odd sizes; 20x30 lies below one tile (grows), 300x50 wide (4 across), 57x333 tall
 SIZES = [(70, 45), (20, 30), (300, 50), (57, 333)]
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +40,6 @@ def _hf_inputs(processor, messages, images):
     text = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
     # the rendered text carries its BOS already (apply_chat_template(tokenize=True) adds none either)
     return processor(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=False)
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 def _hf_logits(hf, inputs):

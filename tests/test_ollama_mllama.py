@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from PIL import Image
 
 import foveal
 from foveal.errors import FovealError, ModelNotFoundError, UnsupportedModelError, WeightsError
 from foveal.models.families.mllama.gguf import CLIP_MEAN, CLIP_STD, ollama_name, write_ollama_mllama
 from foveal.weights.gguf import llama3_rope_factors, llama_qk_order, read_hf_folder, write_gguf
 from tiny import MLLAMA_TEMPLATE, build_mllama
+from tiny import ask as _ask, random_image as _image
 
 MEDIA = "application/vnd.ollama.image."
 # The template and params layers `ollama create` attaches when it recognises a Llama 3 chat template in the
@@ -35,17 +35,6 @@ MEDIA = "application/vnd.ollama.image."
 GO_TEMPLATE = ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
                "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
 PARAMS = {"stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 def _published_layout(folder):

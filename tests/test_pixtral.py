@@ -13,22 +13,16 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 import foveal
 from foveal.errors import ConfigError
 from foveal.models import registry
 from tiny import build_pixtral, hf_pixtral, hf_pixtral_processor
+from tiny import ask as _ask, random_image as _image
 
 KINDS = ("llava", "mistral3")
 # (width, height): tall and wide (both shrunk to the 96-px longest edge), small (grown to whole patches)
 SIZES = {"tall": (50, 300), "wide": (333, 57), "small": (13, 21)}
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -45,11 +39,6 @@ def _hf_inputs(processor, messages, images):
     text = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
     # the template writes <s> itself: apply_chat_template(tokenize=True) then adds no second one, nor do we
     return processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 def _logits(hf, inputs):

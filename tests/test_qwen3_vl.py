@@ -13,22 +13,16 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 import foveal
 from foveal.errors import ConfigError
 from foveal.models import registry
 from foveal.models.families import qwen3_vl
 from tiny import QWEN3_VL_PIXELS, build_qwen3_vl, hf_qwen3_vl, hf_qwen3_vl_processor
+from tiny import ask as _ask, random_image as _image
 
 # odd sizes and aspects; 20x30 lies below min_pixels (grows), 700x500 above max_pixels (shrinks)
 SIZES = [(100, 60), (20, 30), (700, 500), (57, 333)]
-
-
-def _image(size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +37,6 @@ def _hf_inputs(processor, messages, images):
     hf_messages = [{"role": m["role"], "content": c} for m, c in zip(messages, parts)]
     text = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
     return processor(text=[text], images=images or None, return_tensors="pt")
-
-
-def _ask(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                         {"type": "text", "text": text}]}]
 
 
 def _hf_logits(hf, inputs):

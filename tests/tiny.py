@@ -13,8 +13,23 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+
+def random_image(size, seed=0):
+    """A (width, height) image of seeded uniform noise: pixels no processor leaves uniform."""
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def ask(text, *images):
+    """One user turn: the images, then the text (the parts layout HF processors read)."""
+    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                         {"type": "text", "text": text}]}]
+
 
 CORPUS = [
     "USER: What is in this image? ASSISTANT: A red circle and a blue square.",
