@@ -132,12 +132,7 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
 
     with open_gguf(mmproj_path) as proj:
         vision_config, llava, vision_tensors, preprocessor = _read_mmproj(proj, dtype)
-    projector_out = vision_tensors["multi_modal_projector.linear_2.weight"].shape[0]
-    if projector_out != config["hidden_size"]:
-        raise WeightsError(
-            f"{mmproj_path} projects to width {projector_out} but the language model's "
-            f"is {config['hidden_size']}: the two files do not belong together"
-        )
+    check_projection_width(mmproj_path, vision_tensors["multi_modal_projector.linear_2.weight"].shape[0], config)
     image_token, tokenizer_json = add_image_token(vocab, tokenizer_json)
     text_config = {k: v for k, v in config.items() if k != "architectures"}
     anyres = "image_grid_pinpoints" in llava
@@ -158,6 +153,18 @@ def read_gguf(text_path: str | Path, mmproj_path: str | Path | None, *, dtype: t
     for k, v in vision_tensors.items():
         all_tensors.add_tensor(k, v)
     return HFCheckpoint(llava_config, all_tensors, tokenizer_json, tokenizer_config, preprocessor)
+
+
+def attention_shape(gf: GGUFFile | SplitGGUF, arch: str, hidden: int, model: str) -> tuple[int, int, int]:
+    """(heads, kv heads, head dim) from `arch`'s attention keys, refusing a value width unlike the key width
+    or query heads that do not group over the kv heads (no `model` has either)."""
+    meta = gf.metadata
+    heads = meta_int(meta, f"{arch}.attention.head_count", hi=1 << 16)
+    kv_heads = meta_int(meta, f"{arch}.attention.head_count_kv", heads, hi=heads)
+    head_dim = meta_int(meta, f"{arch}.attention.key_length", hidden // heads or None, hi=1 << 16)
+    if meta_int(meta, f"{arch}.attention.value_length", head_dim, hi=1 << 16) != head_dim or heads % kv_heads:
+        raise UnsupportedModelError(f"{gf.path}: value width or head grouping unlike any {model} model")
+    return heads, kv_heads, head_dim
 
 
 def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype,
@@ -188,11 +195,7 @@ def _read_text_model(gf: GGUFFile | SplitGGUF, arch: str, dtype: torch.dtype,
     vocab_size, hidden = names["token_embd.weight"].shape if len(names["token_embd.weight"].shape) == 2 else (0, 0)
     if not vocab_size:
         raise WeightsError(f"{gf.path}: token_embd.weight is not a matrix")
-    heads = meta_int(meta, f"{arch}.attention.head_count", hi=1 << 16)
-    kv_heads = meta_int(meta, f"{arch}.attention.head_count_kv", heads, hi=heads)
-    head_dim = meta_int(meta, f"{arch}.attention.key_length", hidden // heads or None, hi=1 << 16)
-    if meta_int(meta, f"{arch}.attention.value_length", head_dim, hi=1 << 16) != head_dim or heads % kv_heads:
-        raise UnsupportedModelError(f"{gf.path}: value width or head grouping unlike any HF {arch} model")
+    heads, kv_heads, head_dim = attention_shape(gf, arch, hidden, f"HF {arch}")
     if meta_int(meta, f"{arch}.rope.dimension_count", head_dim, hi=1 << 16) != head_dim:
         raise UnsupportedModelError(f"{gf.path}: partial rotary embeddings are not supported")
     check_shape("output_norm.weight", names["output_norm.weight"].shape, (hidden,))
@@ -342,13 +345,43 @@ _VISION_BLOCK_TENSOR = re.compile(r"v\.blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)")
 _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, dict, dict[str, torch.Tensor], dict]:
-    meta, names = gf.metadata, gf.tensors
+def check_projection_width(mmproj_path, width: int, config: dict[str, Any]) -> None:
+    """Refuse an mmproj whose projector writes `width` features into a language model of another width."""
+    if width != config["hidden_size"]:
+        raise WeightsError(f"{mmproj_path} projects to width {width} but the language model's is "
+                           f"{config['hidden_size']}: the two files do not belong together")
+
+
+def vision_language_config(config: dict[str, Any], vision_config: dict[str, Any], text_updates: dict | None = None,
+                           **top) -> dict[str, Any]:
+    """The HF config of a VLM whose language model GGUF gave `config`: `top` (architectures, model_type, token
+    ids, ...) at the top with the tie flag and dtype, the text config (plus `text_updates`) and `vision_config`."""
+    text_config = {k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")}
+    text_config.update(text_updates or {})
+    return {
+        **({"_name_or_path": config["_name_or_path"]} if "_name_or_path" in config else {}),
+        **top,
+        "tie_word_embeddings": config["tie_word_embeddings"],
+        "dtype": config["dtype"],
+        "text_config": text_config,
+        "vision_config": vision_config,
+    }
+
+
+def mmproj_projector(gf: GGUFFile | SplitGGUF) -> str | None:
+    """The projector type of an mmproj file with a vision encoder (None where it names none); anything else is
+    refused."""
+    meta = gf.metadata
     if meta_str(meta, Keys.General.ARCHITECTURE) != "clip":
         raise WeightsError(f"{gf.path} is not an mmproj file (general.architecture is not 'clip')")
     if meta_bool(meta, Keys.Clip.HAS_VISION_ENCODER) is False:
         raise UnsupportedModelError(f"{gf.path} has no vision encoder")
-    projector = meta_str(meta, Keys.Clip.PROJECTOR_TYPE) or meta_str(meta, Keys.ClipVision.PROJECTOR_TYPE) or "mlp"
+    return meta_str(meta, Keys.Clip.PROJECTOR_TYPE) or meta_str(meta, Keys.ClipVision.PROJECTOR_TYPE)
+
+
+def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, dict, dict[str, torch.Tensor], dict]:
+    meta, names = gf.metadata, gf.tensors
+    projector = mmproj_projector(gf) or "mlp"
     if projector != "mlp":
         raise UnsupportedModelError(
             f"{gf.path}: projector type {projector!r} is not supported (foveal runs the LLaVA MLP 'mlp')"

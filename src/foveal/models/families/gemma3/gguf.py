@@ -54,7 +54,8 @@ import gguf
 
 from ....errors import UnsupportedModelError, WeightsError
 from ....weights.gguf import GGUFFile, HFCheckpoint, LazyTensors, SplitGGUF, meta_bool, meta_str, open_gguf
-from ....weights.gguf_read import check_shape, meta_float, meta_int, meta_triple
+from ....weights.gguf_read import (attention_shape, check_projection_width, check_shape, meta_float, meta_int,
+                                   meta_triple, mmproj_projector, vision_language_config)
 from ....weights.gguf_tokenizer import GGUFVocab
 from ....weights.gguf_write import FILE_TYPES, Planned, add_vocab, need, tensor_type, write_tensors
 from ....weights.safetensors import canonical_name
@@ -148,11 +149,7 @@ def read_text_model(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict[
     if len(embd) != 2:
         raise WeightsError(f"{gf.path}: token_embd.weight is not a matrix")
     vocab_size, hidden = embd
-    heads = meta_int(meta, f"{ARCH}.attention.head_count", hi=1 << 16)
-    kv_heads = meta_int(meta, f"{ARCH}.attention.head_count_kv", heads, hi=heads)
-    head_dim = meta_int(meta, f"{ARCH}.attention.key_length", hidden // heads or None, hi=1 << 16)
-    if meta_int(meta, f"{ARCH}.attention.value_length", head_dim, hi=1 << 16) != head_dim or heads % kv_heads:
-        raise UnsupportedModelError(f"{gf.path}: value width or head grouping unlike any Gemma 3 model")
+    heads, kv_heads, head_dim = attention_shape(gf, ARCH, hidden, "Gemma 3")
     if meta_int(meta, f"{ARCH}.embedding_length", hidden, hi=1 << 20) != hidden:
         raise WeightsError(f"{gf.path}: {ARCH}.embedding_length disagrees with token_embd.weight")
     up = names.get("blk.0.ffn_up.weight")
@@ -256,10 +253,7 @@ def read_gguf(text: GGUFFile | SplitGGUF, config: dict[str, Any], tensors: LazyT
             f"mmproj file too (mmproj=... / --mmproj). Text-only Gemma 3 (Gemma3ForCausalLM) is not supported")
     with open_gguf(mmproj_path) as proj:
         vision_config, vision_tensors, preprocessor, mm_tokens = _read_mmproj(proj, dtype)
-    out_width = vision_tensors[HF_INPUT_PROJECTION].shape[1]
-    if out_width != config["hidden_size"]:
-        raise WeightsError(f"{mmproj_path} projects to width {out_width} but the language model's is "
-                           f"{config['hidden_size']}: the two files do not belong together")
+    check_projection_width(mmproj_path, vision_tensors[HF_INPUT_PROJECTION].shape[1], config)
     index: dict[str, int] = {}
     for i, token in enumerate(vocab.tokens):
         index.setdefault(token, i)
@@ -269,18 +263,8 @@ def read_gguf(text: GGUFFile | SplitGGUF, config: dict[str, Any], tensors: LazyT
             raise WeightsError(f"{text.path}: the vocabulary has no {token} token, which a Gemma 3 prompt with "
                                f"images needs")
         ids[key] = index[token]
-    text_config = {k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")}
-    hf = {
-        **({"_name_or_path": config["_name_or_path"]} if "_name_or_path" in config else {}),
-        "architectures": ["Gemma3ForConditionalGeneration"],
-        "model_type": "gemma3",
-        **ids,
-        "mm_tokens_per_image": mm_tokens,
-        "tie_word_embeddings": config["tie_word_embeddings"],
-        "dtype": config["dtype"],
-        "text_config": text_config,
-        "vision_config": vision_config,
-    }
+    hf = vision_language_config(config, vision_config, architectures=["Gemma3ForConditionalGeneration"],
+                                model_type="gemma3", **ids, mm_tokens_per_image=mm_tokens)
     for name, tensor in vision_tensors.items():
         tensors.add_tensor(name, tensor)
     return HFCheckpoint(hf, tensors, tokenizer_json, tokenizer_config, preprocessor)
@@ -288,11 +272,7 @@ def read_gguf(text: GGUFFile | SplitGGUF, config: dict[str, Any], tensors: LazyT
 
 def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor], dict, int]:
     meta, names = gf.metadata, gf.tensors
-    if meta_str(meta, Keys.General.ARCHITECTURE) != "clip":
-        raise WeightsError(f"{gf.path} is not an mmproj file (general.architecture is not 'clip')")
-    if meta_bool(meta, Keys.Clip.HAS_VISION_ENCODER) is False:
-        raise UnsupportedModelError(f"{gf.path} has no vision encoder")
-    projector = meta_str(meta, Keys.Clip.PROJECTOR_TYPE) or meta_str(meta, Keys.ClipVision.PROJECTOR_TYPE)
+    projector = mmproj_projector(gf)
     if projector != PROJECTOR_TYPE:
         raise UnsupportedModelError(f"{gf.path}: projector type {projector!r} does not go with a gemma3 language "
                                     f"model (its mmproj has clip.projector_type 'gemma3')")

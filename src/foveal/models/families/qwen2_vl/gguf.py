@@ -43,8 +43,9 @@ from gguf import GGMLQuantizationType as Q, Keys, LlamaFileType
 import gguf
 
 from ....errors import UnsupportedModelError, WeightsError
-from ....weights.gguf import GGUFFile, HFCheckpoint, LazyTensors, SplitGGUF, meta_bool, meta_str, open_gguf
-from ....weights.gguf_read import check_shape, meta_int, meta_triple
+from ....weights.gguf import GGUFFile, HFCheckpoint, LazyTensors, SplitGGUF, meta_bool, open_gguf
+from ....weights.gguf_read import (check_projection_width, check_shape, meta_int, meta_triple, mmproj_projector,
+                                   vision_language_config)
 from ....weights.gguf_tokenizer import GGUFVocab
 from ....weights.gguf_write import Planned, need, tensor_type, write_tensors, write_text_model
 from .image_processing import IMAGE_DEFAULTS, QwenProcessorConfig
@@ -87,29 +88,17 @@ def read_gguf(text: GGUFFile | SplitGGUF, config: dict[str, Any], tensors: LazyT
         return HFCheckpoint(config, tensors, tokenizer_json, tokenizer_config, None)
     with open_gguf(mmproj_path) as proj:
         kind, vision_config, vision_tensors, preprocessor = _read_mmproj(proj, dtype)
-    out_width = vision_tensors["visual.merger.mlp.2.weight"].shape[0]
-    if out_width != config["hidden_size"]:
-        raise WeightsError(f"{mmproj_path} projects to width {out_width} but the language model's is "
-                           f"{config['hidden_size']}: the two files do not belong together")
+    check_projection_width(mmproj_path, vision_tensors["visual.merger.mlp.2.weight"].shape[0], config)
     index = {token: i for i, token in enumerate(vocab.tokens)}
     ids = {}
     for key, token in TOKENS.items():
         if token not in index:
             raise WeightsError(f"{text.path}: the vocabulary has no {token} token, which a {kind} prompt needs")
         ids[key] = index[token]
-    text_config = {k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")}
-    text_config.update(model_type=f"{kind}_text",
-                       rope_parameters={**config["rope_parameters"], "mrope_section": list(sections)})
-    hf = {
-        **({"_name_or_path": config["_name_or_path"]} if "_name_or_path" in config else {}),
-        "architectures": [ARCHITECTURES[kind]],
-        "model_type": kind,
-        **ids,
-        "tie_word_embeddings": config["tie_word_embeddings"],
-        "dtype": config["dtype"],
-        "text_config": text_config,
-        "vision_config": vision_config,
-    }
+    text = dict(model_type=f"{kind}_text",
+                rope_parameters={**config["rope_parameters"], "mrope_section": list(sections)})
+    hf = vision_language_config(config, vision_config, text, architectures=[ARCHITECTURES[kind]], model_type=kind,
+                                **ids)
     for name, tensor in vision_tensors.items():
         tensors.add_tensor(name, tensor)
     return HFCheckpoint(hf, tensors, tokenizer_json, tokenizer_config, preprocessor)
@@ -139,11 +128,7 @@ _BLOCK_TENSOR = re.compile(r"v\.blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)")
 
 def _read_mmproj(gf: GGUFFile | SplitGGUF, dtype: torch.dtype) -> tuple[str, dict, dict[str, torch.Tensor], dict]:
     meta, names = gf.metadata, gf.tensors
-    if meta_str(meta, Keys.General.ARCHITECTURE) != "clip":
-        raise WeightsError(f"{gf.path} is not an mmproj file (general.architecture is not 'clip')")
-    if meta_bool(meta, Keys.Clip.HAS_VISION_ENCODER) is False:
-        raise UnsupportedModelError(f"{gf.path} has no vision encoder")
-    projector = meta_str(meta, Keys.Clip.PROJECTOR_TYPE) or meta_str(meta, Keys.ClipVision.PROJECTOR_TYPE)
+    projector = mmproj_projector(gf)
     kind = PROJECTOR_TYPES.get(projector)
     if kind is None:
         raise UnsupportedModelError(
