@@ -10,9 +10,10 @@ Design decisions (after gpt-fast's quantize.py):
   the activation dtype and call `F.linear` (bf16 matmuls run on AMX about 15x faster than the
   packed kernels with many rows).
 - The int4 CPU kernel wants its weight in a private packed layout that changed between releases.
-  `pack()` converts once and keeps a single copy; the layout this module knows (torch 2.13:
-  `[N/64, K, 32]` bytes, row n in the low nibble and row n+32 in the high one) is verified by a
-  probe at first use, and when the probe disagrees the module stays on the fallback path.
+  `pack()` converts once and keeps a single copy; the layouts this module knows (torch 2.13:
+  `[N/B, K, B/2]` bytes, row n in the low nibble and row n+B/2 in the high one, with B = 64 on
+  AVX-512 CPUs and 32 on AVX2 ones) are told apart by a probe at first use, and when none fits
+  the module stays on the fallback path.
 - `fast = False` on a module (see `set_fast_path`) forces the fallback; tests compare the two.
 
 Portable layouts (what checkpoints hold):
@@ -124,40 +125,48 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], -1)
 
 
-def _to_cpu_pack(q: torch.Tensor) -> torch.Tensor:
-    """The layout torch 2.13's `_convert_weight_to_int4pack_for_cpu` gives for N % 64 == 0."""
+def _to_cpu_pack(q: torch.Tensor, block: int) -> torch.Tensor:
+    """The layout torch 2.13's `_convert_weight_to_int4pack_for_cpu` gives for N % block == 0, where its
+    kernel works on `block` rows at a time (64 with AVX-512, 32 with AVX2)."""
     N, K = q.shape
-    b = q.to(torch.uint8).view(N // 64, 2, 32, K).transpose(-1, -2)       # (N/64, 2, K, 32)
+    b = q.to(torch.uint8).view(N // block, 2, block // 2, K).transpose(-1, -2)    # (N/block, 2, K, block/2)
     return (b[:, 0] | (b[:, 1] << 4)).reshape(N, K // 2)
 
 
-def _from_cpu_pack(p: torch.Tensor) -> torch.Tensor:
+def _from_cpu_pack(p: torch.Tensor, block: int) -> torch.Tensor:
     """Inverse of `_to_cpu_pack`: packed uint8 [N, K/2] -> q uint8 [N, K]."""
     N, K = p.shape[0], p.shape[1] * 2
-    b = p.view(N // 64, K, 32)
+    b = p.view(N // block, K, block // 2)
     return torch.stack([b & 15, b >> 4], dim=1).transpose(-1, -2).reshape(N, K)
 
 
-_CPU_INT4_OK: bool | None = None
+_CPU_INT4_BLOCK: int | None = None      # rows per block of the CPU kernel's layout; 0: no usable kernel
 
 
-def cpu_int4_available() -> bool:
-    """Whether the int4 CPU kernel exists and packs the way `_to_cpu_pack` assumes (probed once)."""
-    global _CPU_INT4_OK
-    if _CPU_INT4_OK is None:
+def cpu_int4_block() -> int:
+    """The block of `_to_cpu_pack` that the int4 CPU kernel packs with, once it computes right (probed
+    once); 0 where the kernel is missing or packs a layout this module does not know."""
+    global _CPU_INT4_BLOCK
+    if _CPU_INT4_BLOCK is None:
         try:
             g = torch.Generator().manual_seed(0)
             q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            ok = packed.dtype == torch.uint8 and torch.equal(packed, _to_cpu_pack(q))
+            block = next((b for b in (64, 32) if packed.dtype == torch.uint8 and
+                          torch.equal(packed, _to_cpu_pack(q, b))), 0)
             x = torch.randn(2, 64, generator=g).bfloat16()
             sz = torch.stack([torch.full((2, 128), 0.5), torch.full((2, 128), 0.25)], -1).bfloat16()
             y = torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
             ref = x.float() @ ((q.float() - 8) * 0.5 + 0.25).t()
-            _CPU_INT4_OK = bool(ok and torch.allclose(y.float(), ref, atol=0.5, rtol=2e-2))
+            _CPU_INT4_BLOCK = block if torch.allclose(y.float(), ref, atol=0.5, rtol=2e-2) else 0
         except (AttributeError, RuntimeError, TypeError):
-            _CPU_INT4_OK = False
-    return _CPU_INT4_OK
+            _CPU_INT4_BLOCK = 0
+    return _CPU_INT4_BLOCK
+
+
+def cpu_int4_available() -> bool:
+    """Whether the int4 CPU kernel exists and packs a layout `_to_cpu_pack` knows (probed once)."""
+    return cpu_int4_block() > 0
 
 
 class Int4Linear(nn.Module):
@@ -221,7 +230,7 @@ class Int4Linear(nn.Module):
 
     def q(self) -> torch.Tensor:
         """The 4-bit codes, uint8 [N, K], whatever the current layout."""
-        return _from_cpu_pack(self.weight) if self.packed else unpack_nibbles(self.weight)
+        return _from_cpu_pack(self.weight, cpu_int4_block()) if self.packed else unpack_nibbles(self.weight)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
