@@ -63,7 +63,7 @@ def test_quantized_sizes(llava7b):
     assert int8.embedding == f16.embedding                       # the embedding is not quantized
     assert int8.head == 32064 * 4096 + 32064 * 2
     assert int8.vision == f16.vision and int4.projector == f16.projector
-    assert int4.quant == "int4-g64" and plan(llava7b, quant="int4-g128").layers < int4.layers
+    assert int4.quant == "int4-g64" and plan(llava7b, dtype="bfloat16", quant="int4-g128").layers < int4.layers
 
 
 def test_quantizing_at_load_peaks_one_float_layer_above_the_weights(llava7b):

@@ -43,7 +43,9 @@ def trained(tmp_path_factory) -> Path:
     params = [p for n, p in model.named_parameters() if not n.startswith(("vision_tower", "multi_modal"))]
     opt = torch.optim.AdamW(params, lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(60):
+    for step in range(240):          # 60 steps reach the bound on AVX-512 CPUs; AVX2 kernels' rounding needs a few more
+        if step >= 60 and loss.item() < 1.0:
+            break
         starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
         batch = torch.stack([ids[s:s + 65] for s in starts])
         logits = model(model.embed(batch[:, :-1]), torch.arange(64))
